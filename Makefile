@@ -1,0 +1,30 @@
+# make run   : install into .venv and run every question at its defaults (CPU or GPU)
+# make test  : install into .venv and run the test suite (synthetic data, a few minutes on 2 CPUs)
+# make run DATA_DIR=/path/to/data  passes a data folder through to every script.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+DATA_DIR ?= ./data
+DEVICE  ?= auto
+
+.PHONY: run test install q1 q2 q3toy q3mnistm clean-venv
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip -q
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) q1_vae.py --data-dir $(DATA_DIR) --device $(DEVICE)
+
+q1: install
+	$(PY) q1_vae.py --data-dir $(DATA_DIR) --device $(DEVICE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
