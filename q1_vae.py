@@ -108,11 +108,19 @@ def build_model(hparams, device="cpu"):
     return VAE(hparams["latent"], hparams["hidden"]).to(device)
 
 
+def model_from_checkpoint(state, path, device="cpu"):
+    try:
+        model = build_model(state["hparams"], device)
+    except (KeyError, TypeError, ValueError):
+        raise common.UserError(f"weights file {path} does not fit this architecture "
+                               f"(its hyper-parameters are incomplete)") from None
+    return common.load_weights(model, state, path)
+
+
 def load_model(path, device="cpu"):
     """The VAE saved at `path`, rebuilt from its own hyper-parameters, in eval mode."""
     state = common.load_checkpoint(path, CHECKPOINT_KIND)
-    model = common.load_weights(build_model(state["hparams"]), state, path)
-    return model.to(device).eval()
+    return model_from_checkpoint(state, path, device).eval()
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,16 +131,17 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed(seed * 100003 + epoch)
 
 
-def train_epoch(model, optimizer, images, args, epoch, device):
+def train_epoch(model, optimizer, images, hparams, epoch, device):
     model.train()
-    generator = epoch_generator(args.seed, epoch)
+    generator = epoch_generator(hparams["seed"], epoch)
     order = torch.randperm(len(images), generator=generator)
     sums = np.zeros(3)
-    for start in range(0, len(images), args.batch_size):
-        x = images[order[start:start + args.batch_size]]
+    batch_size = hparams["batch_size"]
+    for start in range(0, len(images), batch_size):
+        x = images[order[start:start + batch_size]]
         noise = torch.randn(len(x), model.latent_dim, generator=generator).to(device)
         logits, mu, logvar = model(x, noise)
-        loss, reconstruction, kl = negative_elbo(logits, x, mu, logvar, args.beta)
+        loss, reconstruction, kl = negative_elbo(logits, x, mu, logvar, hparams["beta"])
         common.check_finite(loss, "training loss")
         optimizer.zero_grad(set_to_none=True)
         (loss / len(x)).backward()
@@ -172,14 +181,14 @@ def reconstruct(model, x):
     return model.decode(model.encode(x)[0]).cpu()
 
 
-def svm_on_latents(train_features, train_labels, test_features, test_labels, args):
+def svm_on_latents(train_features, train_labels, test_features, test_labels, args, seed):
     """Standardise the posterior means, fit an RBF SVM on (a subset of) the training set,
     score it on the whole test set."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    index = common.subsample(len(train_features), args.svm_train_size, args.seed)
+    index = common.subsample(len(train_features), args.svm_train_size, seed)
     svm = make_pipeline(StandardScaler(), SVC(kernel="rbf", C=args.svm_c, gamma="scale"))
     svm.fit(train_features[index], train_labels[index])
     train_accuracy = float(np.mean(svm.predict(train_features[index]) == train_labels[index]))
@@ -329,28 +338,22 @@ def main(argv=None):
         train_labels, test_labels = train_labels.numpy(), test_labels.numpy()
     progress_digits = test_images[:N_PROGRESS_DIGITS]
 
-    hparams = {"latent": args.latent, "hidden": args.hidden, "beta": args.beta,
-               "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-               "seed": args.seed}
-    history, progress, start_epoch = [], [], 1
     if args.eval_only or args.resume:
         state = common.load_checkpoint(args.weights, CHECKPOINT_KIND)
-        if args.eval_only:
-            hparams = state["hparams"]
-        model = common.load_weights(build_model(state["hparams"], device), state, args.weights)
-        history, progress = state["history"], state["progress"]
-        start_epoch = state["epoch"] + 1
+        model = model_from_checkpoint(state, args.weights, device)
+        hparams = dict(state["hparams"])
         if args.resume:
-            for key in ("latent", "hidden", "beta", "lr", "batch_size", "seed"):
-                hparams[key] = state["hparams"][key]
-            args.beta, args.lr, args.batch_size = hparams["beta"], hparams["lr"], hparams["batch_size"]
-            args.seed = hparams["seed"]
+            hparams["epochs"] = args.epochs
+        history, progress, start_epoch = state["history"], state["progress"], state["epoch"] + 1
     else:
+        hparams = {"latent": args.latent, "hidden": args.hidden, "beta": args.beta,
+                   "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+                   "seed": args.seed}
         common.seed_everything(args.seed)
         model = build_model(hparams, device)
-        progress = [("Before training", reconstruct(model, progress_digits))]
+        history, progress, start_epoch = [], [("Before training", reconstruct(model, progress_digits))], 1
     optimizer = torch.optim.Adam(model.parameters(), lr=hparams["lr"])
-    if args.resume and state.get("optimizer"):
+    if args.resume:
         optimizer.load_state_dict(state["optimizer"])
 
     def save(epoch):
@@ -359,15 +362,17 @@ def main(argv=None):
                                history=history, progress=progress)
 
     if not args.eval_only:
-        if start_epoch > args.epochs:
-            print(f"checkpoint already has {start_epoch - 1} epochs (--epochs {args.epochs})")
+        # A checkpoint exists from the start and after every epoch, so Ctrl-C never loses
+        # more than the epoch in progress, and --resume continues exactly.
+        if start_epoch == 1:
+            save(0)
         train_start, epoch = time.perf_counter(), start_epoch - 1
         try:
-            for epoch in range(start_epoch, args.epochs + 1):
+            for epoch in range(start_epoch, hparams["epochs"] + 1):
                 t0 = time.perf_counter()
-                train = train_epoch(model, optimizer, train_images, args, epoch, device)
+                train = train_epoch(model, optimizer, train_images, hparams, epoch, device)
                 train_seconds = time.perf_counter() - t0
-                test = evaluate(model, test_images, args.beta, device)
+                test = evaluate(model, test_images, hparams["beta"], device)
                 history.append({"epoch": epoch, "train": train, "test": test,
                                 "train_seconds": round(train_seconds, 2),
                                 "images_per_second": round(len(train_images) / train_seconds)})
@@ -378,13 +383,10 @@ def main(argv=None):
                       f"{test['negative_elbo']:7.2f} (recon {test['reconstruction']:6.2f}, "
                       f"KL {test['kl']:5.2f})  {train_seconds:.1f}s", flush=True)
         except KeyboardInterrupt:
-            save(epoch - 1)
-            raise common.UserError(f"interrupted during epoch {epoch}; the checkpoint with "
-                                   f"{epoch - 1} finished epochs is in {args.weights} "
-                                   f"(continue with --resume)") from None
+            raise common.UserError(f"interrupted during epoch {epoch}; {args.weights} holds "
+                                   f"the {epoch - 1} finished epochs (continue with "
+                                   f"--resume)") from None
         timings["training"] = round(time.perf_counter() - train_start, 2)
-        hparams["epochs"] = args.epochs
-        save(history[-1]["epoch"] if history else 0)
 
     epochs_trained = history[-1]["epoch"] if history else 0
     final = [(f"After {epochs_trained} epochs", reconstruct(model, progress_digits))]
@@ -400,7 +402,8 @@ def main(argv=None):
         train_features = latent_means(model, train_images)
         test_features = latent_means(model, test_images)
     with common.stage(timings, "SVM"):
-        svm = svm_on_latents(train_features, train_labels, test_features, test_labels, args)
+        svm = svm_on_latents(train_features, train_labels, test_features, test_labels, args,
+                             hparams["seed"])
         common.plot_confusion_matrix(svm["test"], os.path.join(args.out, "svm_confusion_matrix.png"),
                                      "SVM on VAE latent means, MNIST test")
     with common.stage(timings, "t-SNE"):

@@ -81,10 +81,16 @@ def test_resume_after_interruption_gives_the_same_model(fake_mnist_dir, tmp_path
     interrupted = str(tmp_path / "interrupted")
     real_train_epoch = q1_vae.train_epoch
 
-    def ctrl_c_in_epoch_2(model, optimizer, images, args, epoch, device):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_train_epoch(model, optimizer, images, args, epoch, device)
+    def ctrl_c_in_epoch_2(model, optimizer, images, hparams, epoch, device):
+        if epoch == 2:  # Ctrl-C after two optimiser steps of epoch 2
+            real_step, steps = optimizer.step, []
+
+            def step():
+                if len(steps) == 2:
+                    raise KeyboardInterrupt
+                steps.append(real_step())
+            optimizer.step = step
+        return real_train_epoch(model, optimizer, images, hparams, epoch, device)
 
     monkeypatch.setattr(q1_vae, "train_epoch", ctrl_c_in_epoch_2)
     code, message = run(["--out", interrupted, "--epochs", "2", *common_args])
