@@ -60,12 +60,16 @@ nonnegative_float = _number_type(float, lambda v: v >= 0, "a non-negative number
 finite_float = _number_type(float, lambda v: True, "a finite number")
 
 
-def add_common_args(parser, out_default):
-    """The flags every script has: --seed, --device, --data-dir, --out."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+def add_common_args(parser, out_default, seed_default=0, data_dir=True):
+    """The flags every script has: --seed, --device, --data-dir (unless the data are
+    generated), --out."""
+    parser.add_argument("--seed", type=int, default=seed_default,
+                        help=f"random seed (default {seed_default})")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto picks cuda when available (default auto)")
-    parser.add_argument("--data-dir", default="./data", help="dataset folder (default ./data)")
+    if data_dir:
+        parser.add_argument("--data-dir", default="./data",
+                            help="dataset folder (default ./data)")
     parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
 
 
