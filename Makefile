@@ -17,11 +17,19 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
-run: install
-	$(PY) q1_vae.py --data-dir $(DATA_DIR) --device $(DEVICE)
+run: q1 q2 q3toy q3mnistm
 
 q1: install
 	$(PY) q1_vae.py --data-dir $(DATA_DIR) --device $(DEVICE)
+
+q2: install
+	$(PY) q2_cyclevae.py --data-dir $(DATA_DIR) --device $(DEVICE)
+
+q3mnistm: install
+	$(PY) q3_mnistm_dann.py --data-dir $(DATA_DIR) --device $(DEVICE)
+
+q3toy: install
+	$(PY) q3_toy_dann.py --lambda 6 --device $(DEVICE)
 
 test: install
 	$(PY) -m pytest -q tests
