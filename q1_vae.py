@@ -289,8 +289,8 @@ the aggregate posterior.
 
 ![reconstruction progress](reconstruction_progress.png)
 
-The same {N_PROGRESS_DIGITS} test digits: before training the decoder outputs grey noise; after
-one epoch the digit identity is already there but strokes are blurred; after
+The same {N_PROGRESS_DIGITS} test digits: before training the decoder outputs faint uniform
+noise; after one epoch the digit identity is already there but strokes are blurred; after
 {m['epochs_trained']} epochs the reconstructions keep the writing style (slant, thickness).
 
 ## t-SNE of the latent means
