@@ -26,7 +26,7 @@ q2: install
 	$(PY) q2_cyclevae.py --data-dir $(DATA_DIR) --device $(DEVICE)
 
 q3mnistm: install
-	$(PY) q3_mnistm_dann.py --data-dir $(DATA_DIR) --device $(DEVICE)
+	$(PY) q3_mnistm_dann.py --data-dir $(DATA_DIR) --device $(DEVICE) --svm-retrain
 
 q3toy: install
 	$(PY) q3_toy_dann.py --lambda 6 --device $(DEVICE)
