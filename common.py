@@ -230,6 +230,28 @@ def save_figure(fig, path, dpi=120):
     plt.close(fig)
 
 
+def machine_info(device=None):
+    """What the numbers were measured on: CPU model, cores, PyTorch threads, GPU if used,
+    and a one-line description for reports."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": threads,
+            "torch": torch.__version__, "platform": platform.platform(),
+            "description": f"CPU: {os.cpu_count()} cores ({cpu}), {threads} PyTorch "
+                           f"thread{'s' if threads > 1 else ''}"}
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["description"] = f"GPU: {info['gpu']}"
+    return info
+
+
 def command_line():
     """The command that is running, to store beside every number it produced."""
     return "python " + " ".join(sys.argv)

@@ -11,7 +11,6 @@ training_curves.png, tsne_latent.png, svm_confusion_matrix.png, metrics.json, re
 """
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
@@ -340,14 +339,6 @@ Training throughput (training steps only, mean over the epochs in the history):
 # ---------------------------------------------------------------------------------------
 # Main: data, model, training loop, evaluation, figures, report
 # ---------------------------------------------------------------------------------------
-def machine_description(device):
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    threads = torch.get_num_threads()
-    return (f"CPU, {threads} thread{'s' if threads > 1 else ''} ({os.cpu_count()} cores, "
-            f"{platform.machine()})")
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = common.choose_device(args.device)
@@ -446,7 +437,7 @@ def main(argv=None):
         "trained_with": trained_by,
         "mode": "eval-only" if args.eval_only else ("resume" if args.resume else "train"),
         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": machine_description(device),
+        "machine": common.machine_info(device)["description"],
         "torch": torch.__version__,
         "hparams": hparams,
         "epochs_trained": epochs_trained,

@@ -13,7 +13,6 @@ images; the two re-encoded z means must agree, which keeps identity out of z.
 import argparse
 import hashlib
 import os
-import platform
 import shutil
 import signal
 import tarfile
@@ -32,6 +31,7 @@ from common import (UserError, add_common_args, check_finite, choose_device, com
                     load_checkpoint, load_weights, nonnegative_float,
                     positive_float, positive_int, run_cli, save_checkpoint, save_figure,
                     seed_everything, stage, write_json, write_text)
+from common import machine_info
 
 import matplotlib.pyplot as plt  # noqa: E402  (common.py has selected the Agg backend)
 
@@ -1242,13 +1242,6 @@ def parse_args(argv=None):
     return args
 
 
-def machine(device):
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    return (f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores "
-            f"({platform.processor() or platform.machine()})")
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = choose_device(args.device)
@@ -1305,7 +1298,7 @@ def main(argv=None):
                        else ""))
     metrics = evaluate(model, data, args, device, out, timings, history)
     command = command_line() if argv is None else "python q2_cyclevae.py " + " ".join(argv)
-    metrics.update(command=command, machine=machine(device), run_note=run_note, note=args.note,
+    metrics.update(command=command, machine=machine_info(device)["description"], run_note=run_note, note=args.note,
                    settings=vars(args), timings=timings, training=training,
                    data={"cache": data["cache"], "split_file": data["split_file"],
                          "characters": {k: int(len(v)) for k, v in data["splits"].items()},

@@ -22,7 +22,6 @@ import glob
 import hashlib
 import math
 import os
-import platform
 import socket
 import tarfile
 import time
@@ -39,6 +38,7 @@ from common import (UserError, add_common_args, atomic_write, check_finite, choo
                     positive_float, positive_int, run_cli, save_checkpoint, save_figure,
                     scatter_by_label, seed_everything, stage, subsample, tsne_embed,
                     write_json, write_text)
+from common import machine_info
 
 OUT_DEFAULT = "outputs/q3_mnistm"
 MODELS = ["source_only", "dann", "target_only"]
@@ -753,21 +753,7 @@ def plot_curves(histories, path):
 # =======================================================================================
 # Report
 # =======================================================================================
-def machine():
-    info = {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def write_report(path, metrics, figures):
-    s = metrics["summary"]
     runs = metrics["runs"]
     lines = [
         "# Question 3.2: DANN from MNIST to MNIST-M (Ganin et al., JMLR 2016, Section 5.2)", "",
@@ -1069,7 +1055,7 @@ def main(argv=None):
     histories = {key: history for key, (_, _, history, _) in collected.items()}
     metrics = {
         "command": command_line(), "eval_only": args.eval_only, "device": str(device),
-        "machine": machine(), "settings": vars(args), "data": data_info, "pixel_mean": mean,
+        "machine": machine_info(), "settings": vars(args), "data": data_info, "pixel_mean": mean,
         "timings": timings, "runs": runs, "summary": summary, "paper": PAPER,
         "paper_icml2015": PAPER_ICML2015, "table2": table, "figures": figures,
         "figure5_domain_knn_accuracy": mixing,

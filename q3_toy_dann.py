@@ -15,7 +15,6 @@ so --data-dir is not used.
 import argparse
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ from common import (UserError, add_common_args, check_finite, choose_device, com
                     classification_metrics, finite_float, grad_reverse, load_checkpoint,
                     load_weights, nonnegative_float, positive_float, positive_int, run_cli,
                     save_checkpoint, save_figure, stage, write_json, write_text)
+from common import machine_info
 
 import matplotlib.pyplot as plt  # noqa: E402  (common.py has selected the Agg backend)
 from matplotlib.colors import ListedColormap  # noqa: E402
@@ -724,19 +724,6 @@ The paper itself prints no toy numbers.
     write_text(os.path.join(out, name), text)
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    cores = os.cpu_count()
-    return {"cpu": cpu, "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "description": f"CPU: {cores} cores ({cpu}), 1 PyTorch thread"}
-
-
 # ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
@@ -800,7 +787,7 @@ def main(argv=None):
     steps = (args.epochs - (state["epoch"] if state else 0)) * args.n_per_class * 2
     metrics = {
         "command": command_line(), "trained": True, "settings": train_hparams(args),
-        "machine": {**machine(), "load_average_1min": load}, "timings": timings,
+        "machine": {**machine_info(), "load_average_1min": load}, "timings": timings,
         "throughput": {"networks": 2 * K, "steps_per_network": steps,
                        "train_seconds": timings["train"],
                        "network_steps_per_second": 2 * K * steps / timings["train"],
@@ -842,7 +829,7 @@ def eval_only(args):
         data_figure(data, args.out)
     timings["total"] = round(time.perf_counter() - start, 2)
     metrics = {"command": command_line(), "trained": False, "weights": paths,
-               "settings": {**hparams, "seeds": 1}, "machine": machine(), "timings": timings,
+               "settings": {**hparams, "seeds": 1}, "machine": machine_info(), "timings": timings,
                "runs": [run], "summary": summarise([run]),
                "authors_code_target_accuracy": AUTHORS}
     write_json(os.path.join(args.out, "eval_metrics.json"), metrics)
