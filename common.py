@@ -64,13 +64,13 @@ def add_common_args(parser, out_default, seed_default=0, data_dir=True):
     """The flags every script has: --seed, --device, --data-dir (unless the data are
     generated), --out."""
     parser.add_argument("--seed", type=int, default=seed_default,
-                        help=f"random seed (default {seed_default})")
+                        help="random seed (default %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto picks cuda when available (default auto)")
+                        help="auto picks cuda when available (default %(default)s)")
     if data_dir:
         parser.add_argument("--data-dir", default="./data",
-                            help="dataset folder (default ./data)")
-    parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+                            help="dataset folder (default %(default)s)")
+    parser.add_argument("--out", default=out_default, help="output folder (default %(default)s)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,3 +164,13 @@ def test_import_does_not_train_or_read_argv():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "True"
+
+
+def test_kl_warmup_ramps_the_kl_weight_linearly_to_beta():
+    hparams = {"beta": 2.0, "kl_warmup": 4.0}
+    assert q1_vae.kl_weight(hparams, epoch=1, fraction=0.0) == 0.0
+    assert q1_vae.kl_weight(hparams, epoch=2, fraction=0.5) == pytest.approx(2.0 * 1.5 / 4)
+    assert q1_vae.kl_weight(hparams, epoch=5, fraction=0.0) == 2.0
+    assert q1_vae.kl_weight(hparams, epoch=30, fraction=0.9) == 2.0
+    assert q1_vae.kl_weight({"beta": 2.0, "kl_warmup": 0.0}, epoch=1, fraction=0.0) == 2.0
+    assert q1_vae.kl_weight({"beta": 2.0}, epoch=1, fraction=0.0) == 2.0  # older checkpoints
