@@ -947,11 +947,15 @@ def evaluate(model, data, args, device, out, timings, history=None):
                              row_names=["original", "reconstruction"])
         metrics["test_reconstruction_mse"] = float(F.mse_loss(recon, x_held.float() / 255))
         if history:
-            plot_history(history, os.path.join(out, "training_curves.png"))
+            steps_per_epoch = args.epoch_steps or max(1, len(splits["train"]) * n_frames
+                                                      // args.batch_size)
+            plot_history(history, os.path.join(out, "training_curves.png"),
+                         int(round(args.warmup_epochs * steps_per_epoch)),
+                         int(round(args.lr_drop_epoch * steps_per_epoch)) or None)
     return metrics
 
 
-def plot_history(history, path):
+def plot_history(history, path, warmup_steps=0, drop_step=None):
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, key, title in zip(axes, ("reconstruction", "kl", "reverse_cycle"),
                               ("forward cycle: swap reconstruction MSE (x1 + x2)",
@@ -959,10 +963,16 @@ def plot_history(history, path):
                                "reverse cycle: L1 of re-encoded z means")):
         ax.plot(history["step"], history[key])
         ax.set_title(title, fontsize=8)
-        ax.set_xlabel("step")
     axes[3].plot(history["val_step"], history["val_objective"], marker="o")
     axes[3].set_title("validation characters: forward-cycle objective", fontsize=8)
-    axes[3].set_xlabel("step")
+    for ax in axes:
+        ax.set_xlabel("step")
+        if warmup_steps:
+            ax.axvspan(0, warmup_steps, color="0.9", label="warm-up (KL, reverse cycle ramped)")
+        if drop_step:
+            ax.axvline(drop_step, color="0.5", ls="--", lw=1, label="lr / 10")
+    if warmup_steps or drop_step:
+        axes[2].legend(fontsize=7)
     save_figure(fig, path)
 
 
