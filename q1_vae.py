@@ -382,8 +382,8 @@ def main(argv=None):
         history, progress, start_epoch = state["history"], state["progress"], state["epoch"] + 1
     else:
         hparams = {"latent": args.latent, "hidden": args.hidden, "beta": args.beta,
-                   "kl_warmup": args.kl_warmup, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                   "seed": args.seed}
+                   "kl_warmup": args.kl_warmup, "lr": args.lr, "batch_size": args.batch_size,
+                   "epochs": args.epochs, "seed": args.seed}
         common.seed_everything(args.seed)
         model = build_model(hparams, device)
         history, progress, start_epoch = [], [("Before training", reconstruct(model, progress_digits))], 1

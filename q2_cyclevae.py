@@ -1115,14 +1115,15 @@ def write_report(metrics, args):
               "swapped pairs x 2, KL summed and divided by B*C*H*W x 3, L1 (mean) between the "
               "re-encoded z means x 10; the reverse cycle uses s computed without gradient "
               "(detached) and its own Adam over the encoder's parameters only.",
-              "- Latent sizes of the CPU default (z 8 / s 8), measured in 2-epoch runs on the "
-              "real data: with s 16 a classifier read the pose from s (55 % on 21 "
-              "animations), with s 8 it fell to 22 %; with z 16 the identity stayed readable "
-              "from z (21-23 % on 100 characters), with z 8 it fell to 5 %. At this short "
-              "training, spare dimensions keep what the losses do not push out (the forward "
-              "cycle makes the pose in s useless to the decoder but does not remove it; the "
-              "reverse cycle removes identity from z only slowly); small latents leave no "
-              "room for it. The paper's sizes need its 100 epochs (`--paper-scale`).",
+              "- Latent sizes of the CPU default (z 8 / s 8), measured in short runs on the "
+              "real data (2 to 2.5 epochs): with s 16 a classifier read the pose from s (55 % "
+              "on 21 animations), with s 8 it fell to 22 %; with z 16 the identity stayed "
+              "readable from z (21-23 % on 100 characters), with z 8 it fell to 5 %. At this "
+              "short training, spare dimensions keep what the losses do not push out (the "
+              "forward cycle makes the pose in s useless to the decoder but does not remove "
+              "it; the reverse cycle removes identity from z only slowly); small latents "
+              "leave no room for it. How the paper's sizes separate after its 100 epochs "
+              "(`--paper-scale`) was not measured here.",
               "- Pairs: a random training character, two independent random frames of it "
               "(any animation); the reverse cycle takes two further batches of arbitrary "
               "training frames. An epoch is (training frames / batch) steps, as the authors.",
