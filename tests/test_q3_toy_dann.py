@@ -1,9 +1,14 @@
-"""Tests of q3_toy_dann.py: the data, Algorithm 1's update (against its closed-form
-equations, computed independently in NumPy), the gradient reversal, the training loop's
-order of random draws, and the script end to end on a tiny problem."""
+"""Tests of q3_toy_dann.py: the data; Algorithm 1's reference update (autograd and the
+gradient reversal layer) against its closed-form equations computed independently in NumPy;
+the fast lockstep update against the reference, step by step; the training loop's order of
+random draws; the script end to end on a tiny problem (weights, eval-only, report-only,
+resume, interruptions, divergence); and every branch of the report's judgements."""
 import copy
+import hashlib
 import json
 import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -14,10 +19,30 @@ import q3_toy_dann as q
 from common import run_cli, save_checkpoint
 
 TINY = ["--epochs", "2", "--n-per-class", "12", "--test-per-class", "25"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(ROOT, "outputs", "q3_toy")
 
 
 def sigm(z):
     return 1 / (1 + np.exp(-z))
+
+
+def cli(argv, capsys):
+    """Run the script as from the command line: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        run_cli(q.main, argv)
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_sentence_error(argv, capsys):
+    code, _, err = cli(argv, capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
 
 
 # ---------------------------------------------------------------------------------------
@@ -38,14 +63,10 @@ def test_rotation_angle_measured_back_from_the_data(angle):
     Xs0, _, Xt0, _ = q.make_domains(30, 5, angle=0.0)
     Xs, _, Xt, yt = q.make_domains(30, 5, angle=angle)
     np.testing.assert_array_equal(Xs, Xs0)  # only the target moves
-    # best rotation about the origin (= the source mean) taking Xt0 onto Xt
     cross = np.sum(Xt0[:, 0] * Xt[:, 1] - Xt0[:, 1] * Xt[:, 0])
-    dot = np.sum(Xt0 * Xt)
-    measured = np.degrees(np.arctan2(cross, dot))
+    measured = np.degrees(np.arctan2(cross, np.sum(Xt0 * Xt)))
     assert measured == pytest.approx(angle, abs=1e-9)  # counter-clockwise is positive
-    theta = np.radians(measured)
-    R = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    np.testing.assert_allclose(Xt0 @ R.T, Xt, atol=1e-12)  # a pure rotation, no shift
+    np.testing.assert_allclose(Xt0 @ q.rotation(measured).T, Xt, atol=1e-12)  # no shift
 
 
 def test_held_out_samples_share_the_training_coordinates():
@@ -53,7 +74,7 @@ def test_held_out_samples_share_the_training_coordinates():
     Xs, ys, Xt, yt = data["test"]
     assert Xs.shape == Xt.shape == (800, 2)
     np.testing.assert_allclose(Xs.mean(0), 0, atol=0.1)  # near, not at, the training mean
-    assert np.abs(Xs.mean(0)).max() > 0  # its own mean is not used
+    assert np.abs(Xs.mean(0)).max() > 0
     train = data["train"][0]
     assert np.min(((Xs[:, None] - train[None]) ** 2).sum(-1)) > 0  # no training point reused
 
@@ -98,102 +119,106 @@ def random_network(rng, D=15):
 
 
 def numpy_parameters(net):
-    return [p.detach().numpy().copy() for p in (net.W, net.b, net.V, net.c, net.u, net.d)]
+    return [p.detach().numpy().copy() for p in net.parameters()]
 
 
 @pytest.mark.parametrize("lam,mu", [(6.0, 0.05), (0.7, 0.3)])
-def test_one_sgd_step_equals_algorithm1_closed_form(lam, mu):
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_reference_step_equals_algorithm1_closed_form(lam, mu, adversarial):
     rng = np.random.default_rng(0)
-    nets = [random_network(rng)]
-    nets.append(copy.deepcopy(nets[0]))  # standard NN and DANN, from the same weights
-    before = [numpy_parameters(n) for n in nets]
+    net = random_network(rng)
+    start = numpy_parameters(net)
     x_i, x_j = rng.normal(size=2), rng.normal(size=2)
-    y_i = 1
-    params = q.stack_parameters(nets)
-    pairs = torch.from_numpy(np.stack([[x_i, x_j]] * 2))
-    labels = torch.tensor([y_i, q.UNLABELLED] * 2)
-    domains = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 2, 1).expand(2, 2, 1)
-    adversarial = torch.tensor([False, True]).view(2, 1, 1)
-    q.sgd_step(params, pairs, labels, domains, adversarial, lam, mu)
-    q.unstack_parameters(params, nets)
-    for net, start, adv in zip(nets, before, (False, True)):
-        expected = algorithm1_numpy(*start, x_i, y_i, x_j, lam, mu, adv)
-        for name, got, want, old in zip("WbVcud", numpy_parameters(net), expected, start):
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13,
-                                       err_msg=f"{'DANN' if adv else 'NN'} {name}")
-            assert not np.allclose(got, old)  # every parameter moved
-    # the two models differ only in the hidden layer
-    nn_, dann = (numpy_parameters(n) for n in nets)
-    assert not np.allclose(nn_[0], dann[0]) and not np.allclose(nn_[1], dann[1])
-    for k in (2, 3, 4, 5):
-        np.testing.assert_allclose(nn_[k], dann[k], rtol=1e-12)
+    q.reference_step(net, torch.from_numpy(x_i), torch.tensor(1), torch.from_numpy(x_j),
+                     adversarial, lam, mu)
+    expected = algorithm1_numpy(*start, x_i, 1, x_j, lam, mu, adversarial)
+    for name, got, want, old in zip("WbVcud", numpy_parameters(net), expected, start):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13, err_msg=name)
+        assert not np.allclose(got, old), name  # every parameter moved
 
 
 def test_gradient_reversal_reaches_only_the_dann_hidden_layer():
+    """From the same weights, the DANN's step differs from the standard NN's only in W and b,
+    by mu x lambda x the plain gradient of Ld (the reversal turns descent into ascent)."""
     rng = np.random.default_rng(1)
-    nets = [random_network(rng)] * 2  # the same weights for both models
-    params = q.stack_parameters(nets)
-    pairs = torch.from_numpy(rng.normal(size=(2, 2, 2)))
-    labels = torch.tensor([0, q.UNLABELLED] * 2)
-    domains = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 2, 1).expand(2, 2, 1)
-    lam = 2.5
-    _, loss_d = q.algorithm1_losses(params, pairs, labels, domains,
-                                    torch.tensor([False, True]).view(2, 1, 1), lam)
-    grads = torch.autograd.grad(loss_d, params, allow_unused=True, materialize_grads=True)
-    # the plain domain loss, without any reversal
-    hidden, _ = q.forward(params, pairs)
+    nn_net = random_network(rng)
+    dann = copy.deepcopy(nn_net)
+    x = torch.from_numpy(rng.normal(size=(2, 2)))
+    lam, mu = 2.5, 0.1
+    hidden = dann.features(x)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(
-        q.domain_logits(params, hidden), domains, reduction="sum")
-    plain_grads = torch.autograd.grad(plain, params, allow_unused=True, materialize_grads=True)
-    for k in (0, 1):  # W, b: NN none, DANN -lambda x the domain gradient
-        assert torch.count_nonzero(grads[k][0]) == 0
-        torch.testing.assert_close(grads[k][1], -lam * plain_grads[k][1])
-        assert plain_grads[k][1].abs().max() > 0
-    for k in (2, 3):  # V, c: the domain loss does not touch the label predictor
-        assert torch.count_nonzero(grads[k]) == 0
-    for k in (4, 5):  # u, d: the regressor descends on its own loss in both models
-        torch.testing.assert_close(grads[k], plain_grads[k])
+        hidden @ dann.u + dann.d, torch.tensor([1.0, 0.0], dtype=torch.float64), reduction="sum")
+    grad_W, grad_b = torch.autograd.grad(plain, [dann.W, dann.b])
+    q.reference_step(nn_net, x[0], torch.tensor(0), x[1], False, lam, mu)
+    q.reference_step(dann, x[0], torch.tensor(0), x[1], True, lam, mu)
+    torch.testing.assert_close(dann.W - nn_net.W, mu * lam * grad_W)
+    torch.testing.assert_close(dann.b - nn_net.b, mu * lam * grad_b)
+    assert grad_W.abs().max() > 0
+    for name in "Vcud":
+        torch.testing.assert_close(getattr(dann, name), getattr(nn_net, name), rtol=0, atol=0)
 
 
-def test_init_follows_algorithm1_and_is_shared_by_both_models(tmp_path):
-    net = q.init_network(q.ShallowNetwork(15), np.random.RandomState(42))
+def test_fast_lockstep_steps_equal_the_reference_step_by_step():
+    """Four networks (two standard NN, two DANN, all different) take 300 steps together in
+    algorithm1_step and one by one in reference_step; after every step they agree."""
+    rng = np.random.default_rng(2)
+    modules = [random_network(rng) for _ in range(4)]
+    adversarial = [False, True, False, True]
+    net = q.Networks.from_modules(modules, adversarial)
+    start = copy.deepcopy(net.parameters())
+    lam, mu = 6.0, 0.05
+    for step in range(300):
+        pairs = rng.normal(size=(4, 2, 2))            # x_i, x_j of each network
+        labels = rng.integers(0, 2, size=4)
+        x_t = q.with_ones(pairs)
+        q.algorithm1_step(net, x_t.transpose(0, 2, 1).copy(), x_t,
+                          np.eye(2)[labels][..., None], mu, lam)
+        for k, module in enumerate(modules):
+            q.reference_step(module, torch.from_numpy(pairs[k, 0]), torch.tensor(labels[k]),
+                             torch.from_numpy(pairs[k, 1]), adversarial[k], lam, mu)
+            for name, fast, ref in zip("WbVcud", net.parameters(), module.parameters()):
+                np.testing.assert_allclose(fast[k], ref.detach().numpy(), rtol=0, atol=1e-10,
+                                           err_msg=f"network {k}, {name}, step {step}")
+    for name, now, then in zip("WbVcud", net.parameters(), start):
+        assert np.abs(now - then).min() > 0, name  # every parameter of every network moved
+
+
+def test_networks_round_trip_and_init_follows_algorithm1():
+    rng = np.random.RandomState(42)
+    W, V = q.initial_weights(rng, 15)
     bound = np.sqrt(6 / (2 + 15))
-    assert net.W.abs().max() <= bound and net.V.abs().max() <= bound
-    assert net.W.abs().max() > bound / 2
-    for p in (net.b, net.c, net.u, net.d):
-        assert torch.count_nonzero(p) == 0
-    # the authors' order of draws: W (15 x 2) then V (2 x 15) from RandomState(42)
-    rs = np.random.RandomState(42)
-    np.testing.assert_array_equal(net.W.detach().numpy(), bound * (2 * rs.rand(15, 2) - 1))
+    assert np.abs(W).max() <= bound and np.abs(V).max() <= bound and np.abs(W).max() > bound / 2
+    rs = np.random.RandomState(42)  # the authors' order of draws: W (15 x 2) then V (2 x 15)
+    np.testing.assert_array_equal(W, bound * (2 * rs.rand(15, 2) - 1))
+    np.testing.assert_array_equal(V, np.sqrt(6 / 17) * (2 * rs.rand(2, 15) - 1))
+    modules = [random_network(np.random.default_rng(k)) for k in range(3)]
+    net = q.Networks.from_modules(modules, [False, True, True])
+    for k, module in enumerate(modules):
+        for a, b in zip(net.module(k).parameters(), module.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_training_loop_equals_algorithm1_with_the_same_random_draws(tmp_path):
-    """A few epochs of the lockstep training loop, against Algorithm 1 run one network at
-    a time in NumPy: same init, same target example drawn at each step."""
+    """Three epochs of train() (2 seeds x 2 models), against Algorithm 1 run one network at a
+    time in NumPy: the same init and the same target example drawn at each step."""
     args = q.parse_args(["--n-per-class", "6", "--epochs", "3", "--seeds", "2",
                          "--out", str(tmp_path)])
     K, lam, mu = 2, args.lambda_, args.lr
-    data = [q.make_domains(6, 1 + 2 * k) for k in range(K)]
-    rngs = [np.random.RandomState(42 + k) for k in range(K)]
-    nets = [q.ShallowNetwork() for _ in range(2 * K)]
-    for k in range(K):
-        q.init_network(nets[k], rngs[k])
-        nets[K + k].load_state_dict(nets[k].state_dict())
-    start = [numpy_parameters(n) for n in nets]
-    nets, history = q.train(nets, [False] * K + [True] * K, rngs, data * 2, args, str(tmp_path))
-    assert len(history) == 3 and not (tmp_path / "train_state.pt").exists()
+    data = [q.make_data(6, 1 + 2 * k, 35.0, 0.05, 5) for k in range(K)]
+    net, history = q.train(args, data)
+    assert len(history) == 4  # epoch 0 (before training) and three epochs
     for m in range(2 * K):
         k, adversarial = m % K, m >= K
-        Xs, ys, Xt, _ = data[k]
+        Xs, ys, Xt, _ = data[k]["train"]
         rs = np.random.RandomState(42 + k)
-        rs.rand(15 * 2 + 2 * 15)  # the init draws
-        p = start[m]
+        W, V = q.initial_weights(rs, 15)
+        p = [W, np.zeros(15), V, np.zeros(2), np.zeros(15), np.zeros(())]
         for _ in range(3):
             for i in range(len(Xs)):
                 j = rs.randint(len(Xt))
                 p = algorithm1_numpy(*p, Xs[i], ys[i], Xt[j], lam, mu, adversarial)
-        for got, want in zip(numpy_parameters(nets[m]), p):
-            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+        for got, want in zip(net.parameters(), p):
+            np.testing.assert_allclose(got[m], want, rtol=1e-9, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,29 +236,33 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_end_to_end_writes_every_output(trained):
+def test_end_to_end_writes_every_output_and_beats_an_untrained_network(trained):
     for name in FILES:
         assert (trained / name).stat().st_size > 0, name
+    assert not (trained / q.STATE_FILE).exists()
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["settings"]["epochs"] == 2 and metrics["machine"]["cpu_cores"] >= 1
     assert len(metrics["runs"]) == 2 and metrics["runs"][1]["seed"] == 43
     for model in q.MODELS:
         for score in q.SCORES:
             values = [run[model][score] for run in metrics["runs"]]
-            assert 0 <= metrics["summary"][model][score]["mean"] <= 1
             assert metrics["summary"][model][score]["mean"] == pytest.approx(np.mean(values))
-    assert metrics["throughput"]["network_steps_per_second"] > 0
+    # two epochs already classify the held-out source better than the untrained network
+    data = q.make_data(12, 1, 35.0, 0.05, 25)
+    W, V = q.initial_weights(np.random.RandomState(42), 15)
+    untrained = q.Networks(W[None], np.zeros((1, 15)), V[None], np.zeros((1, 2)),
+                           np.zeros((1, 15)), np.zeros(1), [False]).module(0)
+    before = q.evaluate(untrained, data)["source_test_accuracy"]
+    assert metrics["runs"][0]["nn"]["source_test_accuracy"] > before + 0.1
     report = (trained / "report.md").read_text()
     for name in FILES:
         if name.endswith(".png"):
             assert f"({name})" in report, name
-    assert "mean +- std" in report and "Choices where the paper is silent" in report
 
 
 def test_load_model_maps_points_to_label_logits(trained):
     model = q.load_model(str(trained / "dann.pt"))
-    logits = model(torch.zeros(5, 2, dtype=torch.float32))
-    assert logits.shape == (5, 2)
+    assert model(torch.zeros(5, 2)).shape == (5, 2)
     metrics = json.loads((trained / "metrics.json").read_text())
     Xs, ys, Xt, yt = q.make_data(12, 1, 35.0, 0.05, 25)["test"]
     accuracy = (model(torch.from_numpy(Xt)).argmax(1).numpy() == yt).mean()
@@ -249,53 +278,151 @@ def test_first_seed_of_several_equals_the_single_run_bit_for_bit(trained, tmp_pa
             torch.testing.assert_close(alone[key], beside[key], rtol=0, atol=0)
 
 
-def test_eval_only_redraws_and_rescores_from_the_weights(trained):
-    for name in FILES:
-        if name.endswith(".png") and name != "training_curves.png":
-            os.remove(trained / name)
-    q.main(["--eval-only", "--out", str(trained)])
-    for name in FILES:
-        assert (trained / name).exists(), name
-    trained_run = json.loads((trained / "metrics.json").read_text())["runs"][0]
-    evaluated = json.loads((trained / "eval_metrics.json").read_text())["runs"][0]
-    for model in q.MODELS:
-        for score in q.SCORES:
-            assert evaluated[model][score] == trained_run[model][score]
-    assert (trained / "eval_report.md").exists()
+def fingerprints(folder):
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_same_numbers_and_resume_after_interrupt(tmp_path, monkeypatch):
-    argv = TINY[:1] + ["4"] + TINY[2:]
-    q.main(argv + ["--out", str(tmp_path / "straight")])
-    calls = {"n": 0}
-    real = q.epoch_history
+def test_eval_only_writes_only_under_eval_and_compares(trained, capsys):
+    before = fingerprints(trained)
+    code, out, err = cli(["--eval-only", "--out", str(trained)], capsys)
+    assert code == 0, err
+    after = fingerprints(trained)
+    assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
+    for name in ["figure2.png", "data.png", "metrics.json", "comparison.json"]:
+        assert f"eval/{name}" in after, name
+    comparison = json.loads((trained / "eval" / "comparison.json").read_text())
+    assert comparison["compared"] == 2 * len(q.SCORES)
+    assert comparison["reproduced"] == comparison["compared"]
+    assert out.count("reproduced") >= comparison["compared"]
 
-    def interrupt_at_third_epoch(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args)
 
-    monkeypatch.setattr(q, "epoch_history", interrupt_at_third_epoch)
-    with pytest.raises(SystemExit) as stop:
-        q.main(argv + ["--out", str(tmp_path / "resumed")])
-    assert stop.value.code == 130 and (tmp_path / "resumed" / "train_state.pt").exists()
-    monkeypatch.setattr(q, "epoch_history", real)
-    q.main(argv + ["--out", str(tmp_path / "resumed"), "--resume"])
-    assert not (tmp_path / "resumed" / "train_state.pt").exists()
-    for model in q.MODELS:
-        a = torch.load(tmp_path / "straight" / f"{model}.pt", weights_only=False)["model"]
-        b = torch.load(tmp_path / "resumed" / f"{model}.pt", weights_only=False)["model"]
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+def test_eval_only_reports_a_difference(trained, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["runs"][0]["dann"]["target_test_accuracy"] -= 0.25
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    code, printed, _ = cli(["--eval-only", "--out", str(out)], capsys)
+    assert code == 0
+    line = next(x for x in printed.splitlines() if "dann.target_test_accuracy" in x)
+    assert "differs by +0.25" in line
+
+
+def test_report_only_reproduces_the_report_and_follows_the_numbers(trained, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    shutil.copy(trained / "metrics.json", out / "metrics.json")
+    code, _, err = cli(["--report-only", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert (out / "report.md").read_text() == (trained / "report.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["runs"][0]["dann"]["target_test_accuracy"] = 0.123456
+    metrics["summary"]["dann"]["target_test_accuracy"]["mean"] = 0.123456
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert cli(["--report-only", "--out", str(out)], capsys)[0] == 0
+    report = (out / "report.md").read_text()
+    assert "0.1235" in report and "DANN classifies fewer of the target" in report
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "metrics.json")),
+                    reason="no committed outputs")
+def test_report_only_reproduces_the_committed_report_byte_for_byte(tmp_path, capsys):
+    out = tmp_path / "q3_toy"
+    out.mkdir()
+    shutil.copy(os.path.join(COMMITTED, "metrics.json"), out / "metrics.json")
+    if os.path.isdir(os.path.join(COMMITTED, "runs")):
+        shutil.copytree(os.path.join(COMMITTED, "runs"), out / "runs")
+    assert cli(["--report-only", "--out", str(out)], capsys)[0] == 0
+    with open(os.path.join(COMMITTED, "report.md")) as f:
+        assert (out / "report.md").read_text() == f.read()
+
+
+def test_report_only_without_metrics_is_one_sentence(tmp_path, capsys):
+    err = one_sentence_error(["--report-only", "--out", str(tmp_path)], capsys)
+    assert "metrics.json" in err
 
 
 # ---------------------------------------------------------------------------------------
-# Bad input
+# Resume and interruptions
+# ---------------------------------------------------------------------------------------
+def interrupt_in(monkeypatch, name, after_calls, how="sigterm"):
+    """Make the `after_calls`-th call of q.<name> deliver SIGTERM (or Ctrl-C) to this process."""
+    real, calls = getattr(q, name), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == after_calls:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, name, wrapper)
+
+
+def same_weights(a, b):
+    for model in q.MODELS:
+        x = torch.load(a / f"{model}.pt", weights_only=False)["model"]
+        y = torch.load(b / f"{model}.pt", weights_only=False)["model"]
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+
+
+def runs_of(folder):
+    runs = json.loads((folder / "metrics.json").read_text())["runs"]
+    return json.dumps(runs, sort_keys=True)
+
+
+def test_sigterm_in_training_then_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(q, "SAVE_EVERY", 2)
+    argv = ["--epochs", "5", "--n-per-class", "12", "--test-per-class", "25", "--seeds", "2"]
+    q.main(argv + ["--out", str(tmp_path / "straight")])
+    interrupt_in(monkeypatch, "train_epoch", 4)  # in epoch 4: epoch 2 is saved
+    code, _, err = cli(argv + ["--out", str(tmp_path / "resumed")], capsys)
+    assert code == 130 and err.strip().count("\n") == 0 and "Traceback" not in err
+    state = tmp_path / "resumed" / q.STATE_FILE
+    assert err.strip() == f"interrupted: epoch 2 of 5 is saved in {state}; continue with --resume"
+    monkeypatch.undo()
+    monkeypatch.setattr(q, "SAVE_EVERY", 2)
+    code, out, err = cli(["--resume", "--out", str(tmp_path / "resumed")], capsys)  # flags
+    assert code == 0, err                                                       # from the state
+    assert "resuming after epoch 2 of 5" in out and not state.exists()
+    same_weights(tmp_path / "straight", tmp_path / "resumed")
+    assert runs_of(tmp_path / "straight") == runs_of(tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "figure2"])
+def test_interrupt_after_training_keeps_the_weights_and_resume_finishes(stage, tmp_path,
+                                                                        monkeypatch, capsys):
+    interrupt_in(monkeypatch, stage, 1, how="ctrl-c")
+    code, _, err = cli(TINY + ["--out", str(tmp_path)], capsys)
+    assert code == 130 and err.strip().startswith("interrupted: ") and err.count("\n") <= 2
+    assert "nn.pt" in err and (tmp_path / "nn.pt").exists() and (tmp_path / "dann.pt").exists()
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    code, out, err = cli(["--resume", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "report.md").exists() and (tmp_path / "figure2.png").exists()
+
+
+def test_resume_refuses_other_settings_and_needs_a_saved_run(tmp_path, monkeypatch, capsys):
+    err = one_sentence_error(TINY + ["--resume", "--out", str(tmp_path)], capsys)
+    assert "no interrupted run" in err
+    interrupt_in(monkeypatch, "evaluate", 1, how="ctrl-c")
+    assert cli(TINY + ["--out", str(tmp_path)], capsys)[0] == 130
+    monkeypatch.undo()
+    err = one_sentence_error(["--resume", "--lr", "0.1", "--out", str(tmp_path)], capsys)
+    assert "--lr 0.1 (the run has 0.05)" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input and divergence
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag,value", [("--lambda", "-1"), ("--epochs", "0"),
                                         ("--n-per-class", "0"), ("--angle", "abc"),
-                                        ("--angle", "nan"), ("--lr", "0")])
+                                        ("--angle", "nan"), ("--lr", "0"), ("--seed", "-1"),
+                                        ("--seed", str(2 ** 32)), ("--data-seed", "-1")])
 def test_bad_arguments_are_argparse_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         q.parse_args([flag, value])
@@ -303,16 +430,22 @@ def test_bad_arguments_are_argparse_errors(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
-def one_sentence_error(argv, capsys):
+def test_seeds_past_the_seed_range_are_argparse_errors(capsys):
     with pytest.raises(SystemExit) as stop:
-        run_cli(lambda: q.main(argv))
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
+        q.parse_args(["--seed", str(2 ** 32 - 1), "--seeds", "2"])
+    assert stop.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
-def test_weights_of_another_script_or_truncated_are_one_sentence(tmp_path, trained, capsys):
+def test_bad_out_is_one_sentence_before_any_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(q, "make_data", lambda *a: pytest.fail("data made before --out check"))
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    err = one_sentence_error(TINY + ["--out", str(afile)], capsys)
+    assert "--out" in err
+
+
+def test_weights_of_another_script_truncated_or_missing_are_one_sentence(tmp_path, trained,
+                                                                         capsys):
     other = tmp_path / "vae.pt"
     save_checkpoint(str(other), "q1_vae", {"latent": 16}, nn.Linear(2, 2))
     err = one_sentence_error(["--eval-only", "--weights", str(other), "--out", str(tmp_path)],
@@ -327,7 +460,7 @@ def test_weights_of_another_script_or_truncated_are_one_sentence(tmp_path, train
     assert "does not exist" in err
 
 
-def test_nan_loss_stops_training_with_a_message(tmp_path, monkeypatch, capsys):
+def test_nan_in_the_data_stops_training_with_a_true_message(tmp_path, monkeypatch, capsys):
     real = q.make_domains
 
     def one_nan_point(*args, **kwargs):
@@ -337,4 +470,99 @@ def test_nan_loss_stops_training_with_a_message(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(q, "make_domains", one_nan_point)
     err = one_sentence_error(TINY + ["--out", str(tmp_path)], capsys)
-    assert "loss at epoch 1 became nan" in err
+    assert "label loss Ly of the standard NN (seed 42) at epoch 1 became nan" in err
+    assert "nothing was saved" in err
+
+
+def test_a_huge_learning_rate_stops_with_a_true_message(tmp_path, capsys):
+    err = one_sentence_error(TINY + ["--lr", "1e300", "--out", str(tmp_path)], capsys)
+    assert "training diverged: the label loss Ly of the standard NN (seed 42) reached " in err
+    assert "at epoch 1, more than 100 times its value before training" in err
+    assert "training stopped; nothing was saved; try a smaller --lr (this run: 1e+300)" in err
+    assert not (tmp_path / "nn.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Every judgement of the report, both ways
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def metrics(trained):
+    return json.loads((trained / "metrics.json").read_text())
+
+
+def set_score(metrics, model, score, values):
+    for run, value in zip(metrics["runs"], values):
+        run[model][score] = value
+    metrics["summary"][model][score]["mean"] = float(np.mean(values))
+
+
+def test_judgement_dann_versus_standard_nn_on_the_target(metrics):
+    set_score(metrics, "nn", "target_test_accuracy", [0.8, 0.8])
+    set_score(metrics, "dann", "target_test_accuracy", [0.9, 1.0])
+    text = q.observations(metrics)
+    assert "DANN classifies more of the target" in text
+    assert "misclassifies 5 of the 100 held-out target points, the standard NN 20" in text
+    set_score(metrics, "dann", "target_test_accuracy", [1.0, 1.0])
+    assert "classifies all 100 held-out target points correctly" in q.observations(metrics)
+    set_score(metrics, "dann", "target_test_accuracy", [0.7, 0.7])
+    assert "DANN classifies fewer of the target" in q.observations(metrics)
+    set_score(metrics, "dann", "target_test_accuracy", [0.8, 0.8])
+    assert "DANN classifies as many of the target" in q.observations(metrics)
+
+
+def test_judgement_domain_in_the_representation_and_the_regressor(metrics):
+    set_score(metrics, "nn", "representation_domain_accuracy", [0.8, 0.8])
+    set_score(metrics, "dann", "representation_domain_accuracy", [0.55, 0.55])
+    set_score(metrics, "nn", "domain_train_accuracy", [0.6, 0.6])
+    set_score(metrics, "dann", "domain_train_accuracy", [0.52, 0.52])
+    text = q.observations(metrics)
+    assert "hides the domain better than" in text and "it is closer to chance" in text
+    set_score(metrics, "dann", "representation_domain_accuracy", [0.9, 0.9])
+    set_score(metrics, "dann", "domain_train_accuracy", [0.3, 0.3])
+    text = q.observations(metrics)
+    assert "hides the domain no better than" in text and "it is no closer to chance" in text
+
+
+def test_judgement_how_much_the_last_epochs_move(metrics):
+    for run in metrics["runs"]:
+        run["dann"]["target_train_last_epochs"].update(min=0.8, max=0.9)
+        run["nn"]["target_train_last_epochs"].update(min=0.7, max=0.7)
+    text = q.observations(metrics)
+    assert "DANN's moves between 0.8000 and 0.9000" in text
+    assert "standard NN's stays at 0.7000" in text
+
+
+def test_judgement_against_the_authors_code_like_with_like(metrics):
+    one = copy.deepcopy(metrics)
+    one["settings"].update(n_per_class=75, seeds=1, epochs=500)
+    one["runs"] = one["runs"][:1]
+    set_score(one, "nn", "target_train_accuracy", [0.8267])
+    set_score(one, "dann", "target_train_accuracy", [0.9733])
+    line = q.versus_authors("This run", one)
+    assert "their Figure-2 run" in line and line.count("agrees to the digits they give") == 2
+    set_score(one, "dann", "target_train_accuracy", [0.9])
+    assert "DANN 0.9000 against 0.973 (differs by -0.073)" in q.versus_authors("x", one)
+    one["settings"]["seed"] = 7  # another seed: no one-seed run of theirs to compare with
+    assert "not compared" in q.versus_authors("x", one)
+    five = copy.deepcopy(metrics)
+    five["settings"].update(n_per_class=150, epochs=500)
+    five["runs"] = five["runs"] * 3  # 6 seeds: their mean is over 5
+    assert "not compared" in q.versus_authors("x", five)
+    five["runs"] = five["runs"][:5]
+    set_score(five, "dann", "target_train_accuracy", [0.89] * 5)
+    set_score(five, "nn", "target_train_accuracy", [0.70] * 5)
+    line = q.versus_authors("x", five)
+    assert "their mean over 5 seeds" in line and "(agrees to the digits they give)" in line
+    assert "Standard NN 0.7000 against 0.78 (differs by -0.08)" in line
+
+
+def test_choices_are_written_from_the_flags(metrics):
+    s = dict(metrics["settings"])
+    text = q.choices(s, 2)
+    assert "noise 0.05," in text and "rotated 35 degrees counter-clockwise" in text
+    assert "2 epochs (the authors' code: 500)" in text and "over 2 seeds" in text
+    s.update(angle=-20.0, epochs=500, noise=0.1)
+    text = q.choices(s, 1)
+    assert "rotated 20 degrees clockwise" in text and "(the text and the authors' code: 35)" in text
+    assert "500 epochs," in text and "noise 0.1 (the authors' code: 0.05)" in text
+    assert "one seed (42" in text
