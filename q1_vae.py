@@ -1,17 +1,21 @@
-"""Question 1: a variational auto-encoder on MNIST (Kingma & Welling 2014; beta-VAE of
-Higgins et al. 2017 with --beta).
+"""Question 1: a variational auto-encoder on MNIST (Kingma & Welling 2014), with the KL weight
+beta of the beta-VAE (Higgins et al. 2017) as --beta.
 
-    python q1_vae.py                                   # train 30 epochs, every figure and number
-    python q1_vae.py --epochs 30 --latent 16 --beta 1
-    python q1_vae.py --eval-only --weights outputs/q1/vae.pt
-    python q1_vae.py --resume                          # continue an interrupted run
+    python q1_vae.py --data-dir DIR                  # 30 epochs, latent 16: every figure and number
+    python q1_vae.py --data-dir DIR --beta 4 --out outputs/q1/beta4    # a beta-VAE
+    python q1_vae.py --data-dir DIR --eval-only      # recompute from outputs/q1/vae.pt into outputs/q1/eval/
+    python q1_vae.py --data-dir DIR --resume         # continue an interrupted run
+    python q1_vae.py --report-only                   # re-render outputs/q1/report.md from metrics.json
+    python q1_vae.py --data-dir DIR --download-only  # fetch MNIST and stop
 
-Writes under --out (default outputs/q1): vae.pt, samples.png, reconstruction_progress.png,
-training_curves.png, tsne_latent.png, svm_confusion_matrix.png, metrics.json, report.md.
+Writes under --out (default outputs/q1): vae.pt (weights), training_state.pt (for --resume),
+samples.png, reconstruction_progress.png, training_curves.png, latent_traversal.png,
+tsne_latent.png, svm_confusion_matrix.png, metrics.json and report.md.
 """
 import argparse
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,10 +26,14 @@ import common
 from common import plt
 
 CHECKPOINT_KIND = "q1_vae"
-N_PROGRESS_DIGITS = 10  # fixed test digits shown in the reconstruction-progress figure
+N_PROGRESS_DIGITS = 10       # the first test digits, shown in the reconstruction-progress figure
+TRAVERSAL_DIGIT = 0          # the test digit whose posterior mean the traversal starts from
+TRAVERSAL_VALUES = np.linspace(-3, 3, 13)
+ACTIVE_KL = 0.01             # nats: a latent unit whose mean KL on the test set exceeds it is active
+ELBO_TARGET, SVM_TARGET = 100.0, 0.98
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--latent", type=common.positive_int, default=16,
@@ -47,26 +55,33 @@ def parse_args(argv=None):
                         help="C of the RBF-kernel SVM")
     parser.add_argument("--tsne-points", type=common.positive_int, default=common.TSNE_POINTS,
                         help="test images in the t-SNE (a fixed random subset)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="load --weights and remake every figure and number without training")
     parser.add_argument("--weights", default=None,
-                        help="checkpoint for --eval-only/--resume (None: <out>/vae.pt)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue training from the last checkpoint in --weights")
-    parser.add_argument("--no-download", action="store_true",
-                        help="never try to download MNIST")
+                        help="weights for --eval-only (default <out>/vae.pt)")
+    parser.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    parser.add_argument("--download-only", action="store_true",
+                        help="fetch MNIST into --data-dir and stop")
     common.add_common_args(parser, "outputs/q1")
+    return parser
+
+
+def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
-    if args.eval_only and args.resume:
-        parser.error("--eval-only and --resume exclude each other")
-    args.weights = args.weights or os.path.join(args.out, "vae.pt")
+    modes = [flag for flag in ("resume", "eval_only", "report_only", "download_only")
+             if getattr(args, flag)]
+    if len(modes) > 1:
+        parser.error(" and ".join("--" + m.replace("_", "-") for m in modes)
+                     + " exclude each other")
     return args
 
 
+def settings_of(args):
+    """The settings stored with a run (and checked by --resume)."""
+    return common.training_settings(args, exclude=("no_download", "download_only"))
+
+
 # ---------------------------------------------------------------------------------------
-# Model: a small convolutional encoder q(z|x) = N(mu, diag(exp(logvar))) and an MLP
-# Bernoulli decoder p(x|z). A conv decoder costs ~3x more on a CPU for about 1 nat; the conv
-# encoder gives better separated latents than an MLP one (SVM 98.2 % vs ~97.7 %).
+# The model: a convolutional encoder q(z|x) = N(mu, diag(exp(logvar))) and an MLP decoder
+# p(x|z) with Bernoulli outputs, trained on the negative evidence lower bound (ELBO).
 # ---------------------------------------------------------------------------------------
 class VAE(nn.Module):
     def __init__(self, latent_dim=16, hidden=1024):
@@ -95,96 +110,82 @@ class VAE(nn.Module):
 
     def forward(self, x, noise):
         mu, logvar = self.encode(x)
-        z = mu + noise * torch.exp(0.5 * logvar)  # reparameterisation trick
+        z = mu + noise * torch.exp(0.5 * logvar)  # the reparameterisation trick
         return self.decode_logits(z), mu, logvar
 
 
 def negative_elbo(logits, x, mu, logvar, beta):
-    """Summed over the batch: Bernoulli reconstruction term -log p(x|z) (grey levels as
-    Bernoulli targets), KL(q(z|x) || N(0,I)) in closed form, and recon + beta * KL."""
+    """Summed over the batch: the reconstruction term -log p(x|z) (grey levels as Bernoulli
+    targets), KL(q(z|x) || N(0, I)) in closed form, and the loss recon + beta * KL."""
     reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
     return reconstruction + beta * kl, reconstruction, kl
 
 
-def build_model(hparams, device="cpu"):
-    return VAE(hparams["latent"], hparams["hidden"]).to(device)
+def train_step(model, optimizer, x, beta_weight, generator=None):
+    """One stochastic gradient step on the batch x: draw z by the reparameterisation trick and
+    descend on the per-image negative ELBO with the KL weighted by beta_weight. Returns the
+    batch's summed loss, reconstruction and KL terms (floats)."""
+    noise = torch.randn(len(x), model.latent_dim, generator=generator).to(x.device)
+    logits, mu, logvar = model(x, noise)
+    loss, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta_weight)
+    common.check_finite(loss, "training loss")
+    optimizer.zero_grad(set_to_none=True)
+    (loss / len(x)).backward()
+    optimizer.step()
+    return loss.item(), reconstruction.item(), kl.item()
 
 
-def model_from_checkpoint(state, path, device="cpu"):
-    try:
-        model = build_model(state["hparams"], device)
-    except (KeyError, TypeError, ValueError):
-        raise common.UserError(f"weights file {path} does not fit this architecture "
-                               f"(its hyper-parameters are incomplete)") from None
-    return common.load_weights(model, state, path)
+def kl_weight(settings, epoch, fraction):
+    """beta, ramped up linearly over the first `kl_warmup` epochs (fraction: how far into the
+    epoch): with the full KL from the first step some latent units collapse to the prior
+    before the decoder learns to use them."""
+    progress = (epoch - 1 + fraction) / settings.kl_warmup if settings.kl_warmup else 1.0
+    return settings.beta * min(1.0, progress)
 
 
-def load_model(path, device="cpu"):
-    """The VAE saved at `path`, rebuilt from its own hyper-parameters, in eval mode."""
-    state = common.load_checkpoint(path, CHECKPOINT_KIND)
-    return model_from_checkpoint(state, path, device).eval()
+def learning_rate(settings, epoch):
+    """Adam's rate, divided by 10 for the last sixth of the epochs."""
+    late = epoch > settings.epochs - settings.epochs // 6
+    return settings.lr * (0.1 if late else 1.0)
 
 
-# ---------------------------------------------------------------------------------------
-# Training and evaluation
-# ---------------------------------------------------------------------------------------
 def epoch_generator(seed, epoch):
-    """One generator per epoch (shuffling and noise), so a resumed run repeats exactly."""
+    """The shuffling and the noise of one epoch: a resumed run repeats them exactly."""
     return torch.Generator().manual_seed(seed * 100003 + epoch)
 
 
-def learning_rate(hparams, epoch):
-    """Adam's rate, divided by 10 for the last sixth of the epochs: the last epochs then
-    settle the encoder, which sharpens the latent clusters the SVM sees."""
-    late = epoch > hparams["epochs"] - hparams["epochs"] // 6
-    return hparams["lr"] * (0.1 if late else 1.0)
-
-
-def kl_weight(hparams, epoch, fraction):
-    """beta, ramped up linearly over the first `kl_warmup` epochs: with the full KL from the
-    first step some latent units collapse before the decoder learns to use them."""
-    warmup = hparams.get("kl_warmup", 0.0)
-    progress = (epoch - 1 + fraction) / warmup if warmup else 1.0
-    return hparams["beta"] * min(1.0, progress)
-
-
-def train_epoch(model, optimizer, images, hparams, epoch, device):
-    model.train()
-    generator = epoch_generator(hparams["seed"], epoch)
-    order = torch.randperm(len(images), generator=generator)
-    sums = np.zeros(3)
-    batch_size = hparams["batch_size"]
+# ---------------------------------------------------------------------------------------
+# Measurements on a model
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, images, beta, batch_size=1000, seed=12345):
+    """Per-image means of the loss (recon + beta KL), the reconstruction term, the KL and the
+    negative ELBO (recon + KL), with one posterior sample per image and fixed noise."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    sums = np.zeros(2)
     for start in range(0, len(images), batch_size):
-        x = images[order[start:start + batch_size]]
-        noise = torch.randn(len(x), model.latent_dim, generator=generator).to(device)
+        x = images[start:start + batch_size]
+        noise = torch.randn(len(x), model.latent_dim, generator=generator).to(x.device)
         logits, mu, logvar = model(x, noise)
-        beta = kl_weight(hparams, epoch, start / len(images))
-        loss, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta)
-        common.check_finite(loss, "training loss")
-        optimizer.zero_grad(set_to_none=True)
-        (loss / len(x)).backward()
-        optimizer.step()
-        sums += [loss.item(), reconstruction.item(), kl.item()]
-    return dict(zip(["loss", "reconstruction", "kl"], (sums / len(images)).tolist()))
+        _, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta)
+        sums += [reconstruction.item(), kl.item()]
+    reconstruction, kl = (sums / len(images)).tolist()
+    common.check_finite(reconstruction + kl, "test negative ELBO")
+    return {"loss": reconstruction + beta * kl, "reconstruction": reconstruction, "kl": kl,
+            "negative_elbo": reconstruction + kl}
 
 
 @torch.no_grad()
-def evaluate(model, images, beta, device, batch_size=1000, seed=12345):
-    """Per-image mean of loss (recon + beta*KL), reconstruction, KL and the negative ELBO
-    (recon + KL) with one posterior sample per image and fixed noise."""
+def kl_per_unit(model, images, batch_size=2000):
+    """Mean over the images of each latent unit's KL(q(z_j|x) || N(0, 1)), in nats."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    sums = np.zeros(3)
+    total = torch.zeros(model.latent_dim)
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        noise = torch.randn(len(x), model.latent_dim, generator=generator).to(device)
-        logits, mu, logvar = model(x, noise)
-        _, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta)
-        sums += [reconstruction.item() + beta * kl.item(), reconstruction.item(), kl.item()]
-    mean = sums / len(images)
-    return {"loss": mean[0], "reconstruction": mean[1], "kl": mean[2],
-            "negative_elbo": mean[1] + mean[2]}
+        mu, logvar = model.encode(images[start:start + batch_size])
+        total += (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).sum(0).cpu()
+    return (total / len(images)).numpy()
 
 
 @torch.no_grad()
@@ -195,36 +196,79 @@ def latent_means(model, images, batch_size=2000):
 
 
 @torch.no_grad()
-def reconstruct(model, x):
+def snapshot(model, digits, label):
+    """The reconstructions decode(mu(x)) of `digits` and their mean -log p(x|mu(x))."""
     model.eval()
-    return model.decode(model.encode(x)[0]).cpu()
+    logits = model.decode_logits(model.encode(digits)[0])
+    nats = F.binary_cross_entropy_with_logits(logits, digits, reduction="sum").item()
+    return {"label": label, "images": torch.sigmoid(logits).cpu(),
+            "reconstruction": nats / len(digits)}
 
 
-def svm_on_latents(train_features, train_labels, test_features, test_labels, args, seed):
+def svm_on_latents(train_features, train_labels, test_features, test_labels, settings):
     """Standardise the posterior means, fit an RBF SVM on (a subset of) the training set,
     score it on the whole test set."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    index = common.subsample(len(train_features), args.svm_train_size, seed)
-    svm = make_pipeline(StandardScaler(), SVC(kernel="rbf", C=args.svm_c, gamma="scale"))
+    index = common.subsample(len(train_features), settings.svm_train_size, settings.seed)
+    svm = make_pipeline(StandardScaler(), SVC(kernel="rbf", C=settings.svm_c, gamma="scale"))
     svm.fit(train_features[index], train_labels[index])
     train_accuracy = float(np.mean(svm.predict(train_features[index]) == train_labels[index]))
     metrics = common.classification_metrics(test_labels, svm.predict(test_features),
                                             class_names=[str(d) for d in range(10)])
-    return {"kernel": "rbf", "C": args.svm_c, "gamma": "scale", "standardised": True,
+    return {"kernel": "rbf", "C": settings.svm_c, "gamma": "scale", "standardised": True,
             "fitted_on": int(len(index)), "train_accuracy": train_accuracy, "test": metrics}
+
+
+def silhouette(features, labels):
+    """Silhouette score of the digit labels on the standardised latent means (-1..1; above 0:
+    an image lies on average nearer the images of its own digit than those of the nearest
+    other digit)."""
+    from sklearn.metrics import silhouette_score
+    from sklearn.preprocessing import StandardScaler
+
+    return float(silhouette_score(StandardScaler().fit_transform(features), labels))
+
+
+def measure(model, data, settings, out, timings):
+    """Everything measured on a trained model, its figures written into `out`."""
+    with common.stage(timings, "test ELBO and KL per unit"):
+        test = evaluate(model, data.test, settings.beta)
+        unit_kl = kl_per_unit(model, data.test)
+    with common.stage(timings, "samples and latent traversal"):
+        plot_samples(model, os.path.join(out, "samples.png"), settings.seed)
+        plot_latent_traversal(model, data.test[TRAVERSAL_DIGIT:TRAVERSAL_DIGIT + 1], unit_kl,
+                              os.path.join(out, "latent_traversal.png"), settings.beta)
+    with common.stage(timings, "latent means"):
+        train_features = latent_means(model, data.train)
+        test_features = latent_means(model, data.test)
+    with common.stage(timings, "SVM"):
+        svm = svm_on_latents(train_features, data.train_labels, test_features, data.test_labels,
+                             settings)
+        common.plot_confusion_matrix(svm["test"], os.path.join(out, "svm_confusion_matrix.png"),
+                                     "SVM on VAE latent means, MNIST test")
+    with common.stage(timings, "t-SNE and silhouette"):
+        _, tsne_index = common.plot_tsne(test_features, data.test_labels,
+                                         os.path.join(out, "tsne_latent.png"),
+                                         names=[str(d) for d in range(10)],
+                                         title="t-SNE of VAE latent means (MNIST test)",
+                                         n_points=settings.tsne_points, seed=settings.seed)
+        score = silhouette(test_features, data.test_labels)
+    return {"test": test, "kl_per_unit": unit_kl.tolist(),
+            "active_units": int(np.sum(unit_kl > ACTIVE_KL)), "svm": svm,
+            "silhouette": score, "tsne_points": int(len(tsne_index))}
 
 
 # ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
-def plot_samples(model, path, seed, device):
+@torch.no_grad()
+def plot_samples(model, path, seed):
     generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(100, model.latent_dim, generator=generator).to(device)
-    with torch.no_grad():
-        images = model.eval().decode(z).cpu()
+    z = torch.randn(100, model.latent_dim, generator=generator)
+    images = model.eval().decode(z.to(next(model.parameters()).device)).cpu()
     fig, ax = plt.subplots(figsize=(7, 7))
     ax.imshow(common.image_grid(images, nrow=10), cmap="gray")
     ax.set_title(f"100 samples: decode(z), z ~ N(0, I), latent {model.latent_dim}")
@@ -232,9 +276,40 @@ def plot_samples(model, path, seed, device):
     common.save_figure(fig, path)
 
 
+@torch.no_grad()
+def plot_latent_traversal(model, digit, unit_kl, path, beta):
+    """One row a latent unit, most KL first: the posterior mean of `digit` decoded with that
+    unit set to each of TRAVERSAL_VALUES, the other units left at the mean."""
+    model.eval()
+    mu = model.encode(digit)[0][0]
+    order = np.argsort(-unit_kl, kind="stable")
+    rows = []
+    for unit in order:
+        z = mu.repeat(len(TRAVERSAL_VALUES), 1)
+        z[:, unit] = torch.as_tensor(TRAVERSAL_VALUES, dtype=z.dtype)
+        rows.append(model.decode(z).cpu())
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(order) + 1.2))
+    ax.imshow(common.image_grid(torch.cat(rows), nrow=len(TRAVERSAL_VALUES)), cmap="gray")
+    centres = 2 + 14 + 30 * np.arange(max(len(order), len(TRAVERSAL_VALUES)))
+    ax.set_yticks(centres[:len(order)],
+                  [f"z{u}  KL {unit_kl[u]:.2f}" + ("" if unit_kl[u] > ACTIVE_KL else " (inactive)")
+                   for u in order], fontsize=7)
+    ax.set_xticks(centres[:len(TRAVERSAL_VALUES)], [f"{v:g}" for v in TRAVERSAL_VALUES],
+                  fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_xlabel("value of the swept unit (the others at the posterior mean)")
+    ax.set_title(f"Latent traversal, beta = {beta:g}: test image {TRAVERSAL_DIGIT}, "
+                 f"units by mean KL (nats)", fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    common.save_figure(fig, path)
+
+
 def plot_reconstruction_progress(originals, snapshots, path):
-    """Rows: the originals, then one row of reconstructions per (label, images) snapshot."""
-    rows = [("Original test digits", originals)] + list(snapshots)
+    """Rows: the originals, then the reconstructions of each snapshot."""
+    rows = [("Original test digits", originals)] + [
+        (f"{s['label']}: -log p(x|z) {s['reconstruction']:.1f} nats a digit", s["images"])
+        for s in snapshots]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3))
     for ax, (label, images) in zip(axes, rows):
         ax.imshow(common.image_grid(images.view(-1, 1, 28, 28), nrow=len(images)), cmap="gray")
@@ -243,54 +318,314 @@ def plot_reconstruction_progress(originals, snapshots, path):
     common.save_figure(fig, path)
 
 
-def plot_training_curves(history, path, kl_warmup=0.0):
+def plot_training_curves(history, test, path, kl_warmup):
+    """Per epoch, the training batches' means (the model changes during the epoch); the test
+    set once, after training."""
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, key, title in zip(axes, ["loss", "reconstruction", "kl"],
-                              ["total loss (recon + beta KL)", "reconstruction -log p(x|z)",
-                               "KL(q(z|x) || p(z))"]):
+    panels = [("negative_elbo", "negative ELBO (recon + KL)"),
+              ("reconstruction", "reconstruction -log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")]
+    for ax, (key, title) in zip(axes, panels):
         if kl_warmup:
-            ax.axvspan(0.5, kl_warmup + 0.5, color="0.9",
-                       label="KL warm-up (train: ramped weight)")
-        ax.plot(epochs, [h["train"][key] for h in history], "o-", ms=3, label="train")
-        ax.plot(epochs, [h["test"][key] for h in history], "s-", ms=3, label="test (full beta)")
+            ax.axvspan(0.5, min(kl_warmup, epochs[-1]) + 0.5, color="0.9", label="KL warm-up")
+        ax.plot(epochs, [h["train"][key] for h in history], "o-", ms=3, label="training batches")
+        ax.plot(epochs[-1:], [test[key]], "r*", ms=10, label="test, after training")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper right")
+    axes[0].plot(epochs, [h["train"]["loss"] for h in history], "--", color="0.4",
+                 label="training loss (recon + weighted KL)")
+    axes[0].legend(loc="upper right", fontsize=8)
     common.save_figure(fig, path)
 
 
-def most_confused(metrics, k):
-    cm = np.array(metrics["confusion_matrix"])
+# ---------------------------------------------------------------------------------------
+# Data, the saved weights, --eval-only
+# ---------------------------------------------------------------------------------------
+def load_data(args, device):
+    """MNIST as float images in [0,1] on `device` and numpy labels (validated by common)."""
+    (train_u8, train_labels), (test_u8, test_labels) = common.load_mnist(
+        args.data_dir, download=not args.no_download)
+    return SimpleNamespace(train=(train_u8.float() / 255).unsqueeze(1).to(device),
+                           test=(test_u8.float() / 255).unsqueeze(1).to(device),
+                           train_labels=train_labels.numpy(), test_labels=test_labels.numpy())
+
+
+def load_model(path, device="cpu"):
+    """The VAE saved at `path`, rebuilt from its own settings, in eval mode."""
+    return model_from_checkpoint(common.load_checkpoint(path, CHECKPOINT_KIND), path, device)
+
+
+def model_from_checkpoint(state, path, device):
+    try:
+        model = VAE(state["hparams"]["latent"], state["hparams"]["hidden"]).to(device)
+    except (KeyError, TypeError, ValueError):
+        raise common.UserError(f"weights file {path} does not fit this architecture "
+                               f"(its settings are incomplete)") from None
+    return common.load_weights(model, state, path).eval()
+
+
+def comparable(metrics):
+    """The numbers --eval-only recomputes, in the layout of metrics.json."""
+    svm = metrics.get("svm", {})
+    return {"test": metrics.get("test", {}), "active_units": metrics.get("active_units"),
+            "silhouette": metrics.get("silhouette"),
+            "svm": {"train_accuracy": svm.get("train_accuracy"),
+                    "test": {"accuracy": svm.get("test", {}).get("accuracy"),
+                             "macro_f1": svm.get("test", {}).get("macro_f1")}}}
+
+
+def eval_only(args, parser, argv, device):
+    """Recompute every number and figure from saved weights into <out>/eval/ and compare them
+    with the metrics.json beside the weights. The evaluation settings (SVM, t-SNE, seed) are
+    the run's own unless given on the command line."""
+    weights = args.weights or os.path.join(args.out, "vae.pt")
+    checkpoint = common.load_checkpoint(weights, CHECKPOINT_KIND)
+    model, saved = model_from_checkpoint(checkpoint, weights, device), checkpoint["hparams"]
+    given = common.given_flags(parser, argv)
+    settings = SimpleNamespace(**{**vars(args), **{k: v for k, v in saved.items()
+                                                   if k not in given}})
+    eval_dir = common.prepare_out(os.path.join(args.out, "eval"))
+    timings = {}
+    with common.stage(timings, "load MNIST"):
+        data = load_data(args, device)
+    results = measure(model, data, settings, eval_dir, timings)
+    metrics = {"question": "Q1 VAE on MNIST, --eval-only", "command": common.command_line(),
+               "weights": weights, "settings": settings_of(settings), **results,
+               "timings": timings}
+    common.write_json(os.path.join(eval_dir, "metrics.json"), metrics)
+    committed = os.path.join(os.path.dirname(os.path.abspath(weights)), "metrics.json")
+    if os.path.isfile(committed):
+        print(f"recomputed from {weights} (saved values from {committed}):")
+        common.compare_with_committed(comparable(metrics),
+                                      comparable(common.read_json(committed, "metrics file")),
+                                      eval_dir)
+    else:
+        print(f"no metrics.json beside {weights}: nothing to compare with")
+    print(f"figures and numbers in {eval_dir}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Main: data, model, the training loop, the measurements, metrics.json and report.md
+# ---------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if args.download_only:
+        common.load_mnist(args.data_dir, download=True)
+        print(f"MNIST is in {os.path.join(args.data_dir, 'MNIST', 'raw')}")
+        return None
+    common.prepare_out(args.out)
+    if args.report_only:
+        return common.report_only(args.out, render_saved_report)
+    started, timings = time.perf_counter(), {}
+    device = common.choose_device(args.device)
+    if args.eval_only:
+        return eval_only(args, parser, argv, device)
+    state_path = os.path.join(args.out, "training_state.pt")
+    state = common.load_training_state(state_path, args, parser, argv) if args.resume else None
+    with common.stage(timings, "load MNIST"):
+        data = load_data(args, device)
+    if state is None:
+        common.seed_everything(args.seed)
+    model = VAE(args.latent, args.hidden).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    digits = data.test[:N_PROGRESS_DIGITS]
+    history, progress = [], [snapshot(model, digits, "before training")]
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, progress = state["history"], state["progress"]
+
+    n_train = len(data.train)
+    with common.stage(timings, "training"):
+        for epoch in range(len(history) + 1, args.epochs + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, epoch)
+            generator = epoch_generator(args.seed, epoch)
+            order = torch.randperm(n_train, generator=generator)
+            model.train()
+            sums, epoch_start = np.zeros(3), time.perf_counter()
+            for start in range(0, n_train, args.batch_size):
+                x = data.train[order[start:start + args.batch_size]]
+                beta_weight = kl_weight(args, epoch, start / n_train)
+                sums += train_step(model, optimizer, x, beta_weight, generator)
+            seconds = time.perf_counter() - epoch_start
+            loss, reconstruction, kl = (sums / n_train).tolist()
+            history.append({"epoch": epoch, "train": {
+                "loss": loss, "reconstruction": reconstruction, "kl": kl,
+                "negative_elbo": reconstruction + kl}, "train_seconds": round(seconds, 2),
+                "images_per_second": round(n_train / seconds)})
+            if epoch == 1:
+                progress.append(snapshot(model, digits, "after epoch 1"))
+            common.save_training_state(state_path, settings_of(args), model=model.state_dict(),
+                                       optimizer=optimizer.state_dict(), history=history,
+                                       progress=progress)
+            common.note_saved(f"epoch {epoch} of {args.epochs} is saved in {state_path}; "
+                              f"continue with --resume")
+            print(f"epoch {epoch:3d}  loss {loss:7.2f}  -ELBO {reconstruction + kl:7.2f} "
+                  f"(recon {reconstruction:6.2f}, KL {kl:5.2f})  {seconds:.1f}s", flush=True)
+
+    weights = os.path.join(args.out, "vae.pt")
+    common.save_checkpoint(weights, CHECKPOINT_KIND, settings_of(args), model)
+    common.note_saved(f"training finished; the weights are in {weights} "
+                      f"(--eval-only remakes every number from them)")
+    progress.append(snapshot(model, digits, f"after {args.epochs} epochs"))
+    results = measure(model, data, args, args.out, timings)
+    with common.stage(timings, "progress and curves figures"):
+        plot_reconstruction_progress(digits.cpu(), progress,
+                                     os.path.join(args.out, "reconstruction_progress.png"))
+        plot_training_curves(history, results["test"],
+                             os.path.join(args.out, "training_curves.png"), args.kl_warmup)
+    metrics = run_metrics(args, device, data, results, progress, history, timings, started)
+    common.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    common.write_text(os.path.join(args.out, "report.md"), render_report(metrics, args.out))
+    print(f"test negative ELBO {results['test']['negative_elbo']:.2f} nats; SVM test accuracy "
+          f"{results['svm']['test']['accuracy']:.4f}; outputs in {args.out}")
+    return metrics
+
+
+def run_metrics(args, device, data, results, progress, history, timings, started):
+    """metrics.json: every number of the run, its command, settings, machine and timings."""
+    return {"question": "Q1 VAE on MNIST", "command": common.command_line(),
+            "mode": "resume" if args.resume else "train",
+            "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "machine": common.machine_info(device)["description"], "torch": torch.__version__,
+            "settings": settings_of(args), "n_train": len(data.train), "n_test": len(data.test),
+            **results,
+            "progress": [{"label": s["label"], "reconstruction": s["reconstruction"]}
+                         for s in progress],
+            "history": history, "timings": timings,
+            "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# report.md: a template filled from metrics.json (and runs/*/metrics.json, beta4/metrics.json)
+# ---------------------------------------------------------------------------------------
+def most_confused(svm_test, k):
+    cm = np.array(svm_test["confusion_matrix"])
     np.fill_diagonal(cm, 0)
     pairs = sorted(((cm[i, j], i, j) for i in range(len(cm)) for j in range(len(cm))), reverse=True)
-    names = metrics["class_names"]
-    return [(names[i], names[j], int(n)) for n, i, j in pairs[:k]]
+    names = svm_test["class_names"]
+    return [(names[i], names[j], int(n)) for n, i, j in pairs[:k] if n > 0]
 
 
-def write_report(metrics, path):
-    m = metrics
-    svm = m["svm"]
-    test = m["test"]
-    inactive = m["hparams"]["latent"] - m["active_units"]
-    inactive_note = (f"the other {inactive} stay at the prior, the usual price of the KL term "
-                     f"at beta = {m['hparams']['beta']}." if inactive else
-                     "none has collapsed to the prior.")
-    text = f"""# Question 1: VAE on MNIST
+def compare(value, target, below, above):
+    return below if value <= target else above
 
-Command: `{m['command']}` (weights trained by `{m['trained_with']}`)
-({m['machine']}; {m['timestamp']})
 
-Model: encoder conv 4x4/2 16 - conv 4x4/2 32 - FC {m['hparams']['hidden'] // 2} - 2x{m['hparams']['latent']}
-(mean and log-variance), MLP decoder {m['hparams']['latent']}-{m['hparams']['hidden'] // 2}-{m['hparams']['hidden']}-784
-with Bernoulli outputs, ReLU, Adam lr {m['hparams']['lr']}, batch {m['hparams']['batch_size']},
-{m['epochs_trained']} epochs (lr /10 for the last sixth), beta = {m['hparams']['beta']}, seed {m['hparams']['seed']};
-the KL weight rises linearly from 0 to beta over the first {m['hparams'].get('kl_warmup', 0):g} epochs
-(0 = no warm-up), so the train loss of those epochs is below the test loss, which uses beta.
-Data: torchvision's MNIST split (60,000 train / 10,000 test), grey levels in [0, 1] used as
-Bernoulli targets (not binarised).
+def active_units_sentence(m):
+    latent, active = m["settings"]["latent"], m["active_units"]
+    text = (f"{active} of the {latent} latent units are active (mean KL per test image above "
+            f"{ACTIVE_KL} nats)")
+    inactive = [f"z{j}" for j, kl in enumerate(m["kl_per_unit"]) if kl <= ACTIVE_KL]
+    if not inactive:
+        return text + "."
+    return (text + f"; the other {len(inactive)} ({', '.join(inactive)}) carry at most "
+            f"{ACTIVE_KL} nats each: their posterior hardly differs from the prior N(0, 1), "
+            f"whatever the digit.")
+
+
+def silhouette_sentence(score):
+    where = ("nearer the images of its own digit than those of the nearest other digit"
+             if score > 0 else
+             "no nearer the images of its own digit than those of the nearest other digit")
+    return (f"Silhouette score of the digit labels on the standardised latent means of the "
+            f"whole test set: {score:.3f} (from -1 to 1): a test image lies on average {where}.")
+
+
+def choices_sentence(s, defaults):
+    """The warm-up and SVM settings: the defaults were chosen on training data only."""
+    changed = [f"--{key.replace('_', '-')} {s[key]:g} (default {defaults[key]:g})"
+               for key in ("kl_warmup", "svm_c") if s[key] != defaults[key]]
+    if changed:
+        return ("This run changed settings that the defaults fix: " + ", ".join(changed) + ".")
+    return ("The KL warm-up and the SVM's settings (RBF kernel, C, gamma 'scale', "
+            "standardised means) are the script's defaults, which were chosen on a validation "
+            "split of the training set (an SVM fitted on part of the training images, scored "
+            "on the held-out rest). The test set chose nothing: its numbers are computed "
+            "once, after training.")
+
+
+def beta_table(m, out):
+    """The beta-VAE beside this run, from <out>/beta4/metrics.json when it exists."""
+    path = os.path.join(out, "beta4", "metrics.json")
+    if not os.path.isfile(path):
+        return ""
+    b = common.read_json(path, "metrics file")
+    rows = [(f"{r['settings']['beta']:g}", r) for r in (m, b)]
+    lines = ["| beta | negative ELBO | reconstruction | KL | active units | SVM test accuracy | "
+             "silhouette |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['test']['negative_elbo']:.2f} | {r['test']['reconstruction']:.2f} "
+              f"| {r['test']['kl']:.2f} | {r['active_units']} of {r['settings']['latent']} | "
+              f"{r['svm']['test']['accuracy']:.4f} | {r['silhouette']:.3f} |" for name, r in rows]
+    fewer = ("fewer" if b["active_units"] < m["active_units"] else
+             "as many" if b["active_units"] == m["active_units"] else "more")
+    return f"""## beta-VAE: beta = {b['settings']['beta']:g} beside beta = {m['settings']['beta']:g}
+
+`{b['command']}` trains the same model with the KL weighted by beta = {b['settings']['beta']:g}
+(Higgins et al. 2017); its own report is [beta4/report.md](beta4/report.md). Test set, nats per image:
+
+{chr(10).join(lines)}
+
+With beta = {b['settings']['beta']:g} the model keeps {fewer} active units
+({b['active_units']} against {m['active_units']}).
+
+| beta = {m['settings']['beta']:g} | beta = {b['settings']['beta']:g} |
+|---|---|
+| ![traversal beta {m['settings']['beta']:g}](latent_traversal.png) | ![traversal beta {b['settings']['beta']:g}](beta4/latent_traversal.png) |
+
+"""
+
+
+def runs_table(out):
+    runs = common.other_runs(out)
+    if not runs:
+        return ""
+    lines = ["| run | command | negative ELBO | KL | active units | SVM test accuracy | "
+             "silhouette | training s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | `{r['command']}` | {r['test']['negative_elbo']:.2f} | "
+              f"{r['test']['kl']:.2f} | {r['active_units']} | {r['svm']['test']['accuracy']:.4f} | "
+              f"{r['silhouette']:.3f} | {r['timings']['training']:.0f} |" for name, r in runs]
+    return ("## Other runs\n\nEach from its own `runs/<name>/metrics.json` (the same script):\n\n"
+            + "\n".join(lines) + "\n\n")
+
+
+def render_saved_report(metrics, out):
+    """render_report for --report-only: a metrics.json of another layout is one sentence."""
+    try:
+        return render_report(metrics, out)
+    except (KeyError, TypeError, IndexError, ValueError) as error:
+        raise common.UserError(f"{os.path.join(out, 'metrics.json')} (or a run beside it) lacks "
+                               f"{error} or holds it in another form: it was not written by this "
+                               f"version of q1_vae.py; run the training again") from None
+
+
+def render_report(metrics, out):
+    m, s = metrics, metrics["settings"]
+    test, svm = m["test"], m["svm"]
+    defaults = vars(build_parser().parse_args([]))
+    training_seconds = sum(h["train_seconds"] for h in m["history"])
+    warmup = (f"the KL weight rises linearly from 0 to beta over the first {s['kl_warmup']:g} "
+              f"epochs" if s["kl_warmup"] else "the KL weight is beta from the first step")
+    confused = ", ".join(f"{a}->{b} ({n})" for a, b, n in most_confused(svm["test"], 4)) or "none"
+    lr_drop = f" (lr /10 for the last {s['epochs'] // 6})" if s["epochs"] // 6 else ""
+    progress = "; ".join(f"{p['label']} {p['reconstruction']:.1f}" for p in m["progress"])
+    return f"""# Question 1: VAE on MNIST
+
+Command: `{m['command']}` ({m['mode']}; {m['machine']}; {m['timestamp']}; wall time
+{m['wall_seconds']:.0f} s).
+
+Model: encoder conv 4x4/2 16 - conv 4x4/2 32 - FC {s['hidden'] // 2} - 2x{s['latent']} (mean and
+log-variance), MLP decoder {s['latent']}-{s['hidden'] // 2}-{s['hidden']}-784 with Bernoulli outputs,
+ReLU; Adam lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epochs{lr_drop}, beta = {s['beta']:g},
+seed {s['seed']}; {warmup}. Data: MNIST,
+{m['n_train']:,} training and {m['n_test']:,} test images, grey levels in [0, 1] used as Bernoulli
+targets (not binarised).
+
+{choices_sentence(s, defaults)}
 
 ## Test ELBO
 
@@ -300,7 +635,8 @@ Bernoulli targets (not binarised).
 | reconstruction -log p(x\\|z) | {test['reconstruction']:.2f} |
 | KL(q(z\\|x) \\|\\| N(0, I)) | {test['kl']:.2f} |
 
-One posterior sample per test image, fixed noise. The target is at most 100 nats.
+One posterior sample per test image, fixed noise: {compare(test['negative_elbo'], ELBO_TARGET,
+'within', 'above')} the target of at most {ELBO_TARGET:g} nats.
 
 ![training curves](training_curves.png)
 
@@ -308,175 +644,52 @@ One posterior sample per test image, fixed noise. The target is at most 100 nats
 
 ![samples](samples.png)
 
-Decoding 100 draws of z ~ N(0, I): most samples are recognisable digits of all ten classes;
-some are blurry blends between two classes, where the prior puts mass between the clusters of
-the aggregate posterior.
+Decoding 100 draws of z ~ N(0, I).
 
 ## Reconstruction progress
 
 ![reconstruction progress](reconstruction_progress.png)
 
-The same {N_PROGRESS_DIGITS} test digits: before training the decoder outputs faint uniform
-noise; after one epoch the digit identity is already there but strokes are blurred; after
-{m['epochs_trained']} epochs the reconstructions keep the writing style (slant, thickness).
+The first {N_PROGRESS_DIGITS} test digits decoded from their posterior means; their mean
+reconstruction term -log p(x|z), nats a digit: {progress}.
 
-## t-SNE of the latent means
+## What the latent units hold
+
+![latent traversal](latent_traversal.png)
+
+Test image {TRAVERSAL_DIGIT} (counting from 0): its posterior mean decoded with one unit set to each of
+{TRAVERSAL_VALUES[0]:g}..{TRAVERSAL_VALUES[-1]:g} (one row a unit, the unit with the most KL first).
+{active_units_sentence(m)}
+
+{beta_table(m, out)}## t-SNE of the latent means
 
 ![t-SNE](tsne_latent.png)
 
 t-SNE (scikit-learn, perplexity 30, PCA init) of the posterior means mu(x) of
-{m['tsne_points']} random test images, coloured by their digit: the digits form separate
-clusters although the VAE never saw a label. The pairs the SVM confuses most (true -> predicted,
-test images): {', '.join(f"{a}->{b} ({n})" for a, b, n in most_confused(svm['test'], 4))};
-they are the clusters that touch in the embedding.
-
-{m['active_units']} of the {m['hparams']['latent']} latent units are active (variance of the
-posterior mean over the test set above 0.01, Burda et al. 2016); {inactive_note}
+{m['tsne_points']:,} random test images, coloured by their digit; the VAE never saw a label.
+{silhouette_sentence(m['silhouette'])}
 
 ## SVM on the latent features
 
-RBF-kernel SVM (C = {svm['C']}, gamma = 'scale') on standardised posterior means, fitted on
-{svm['fitted_on']} training images, scored on the 10,000 test images.
-Train accuracy {svm['train_accuracy']:.4f}; **test accuracy {svm['test']['accuracy']:.4f}**
-(target at least 0.98); macro F1 {svm['test']['macro_f1']:.4f}.
+RBF-kernel SVM (C = {svm['C']:g}, gamma = 'scale') on standardised posterior means, fitted on
+{svm['fitted_on']:,} training images, scored on the {svm['test']['n']:,} test images.
+Train accuracy {svm['train_accuracy']:.4f}; **test accuracy {svm['test']['accuracy']:.4f}**,
+{compare(SVM_TARGET, svm['test']['accuracy'], 'meeting', 'short of')} the target of at least
+{SVM_TARGET:g}; macro F1 {svm['test']['macro_f1']:.4f}. The pairs it confuses most (true ->
+predicted, test images): {confused}.
 
 ![SVM confusion matrix](svm_confusion_matrix.png)
 
 {common.metrics_table(svm['test'])}
 
-## Timings ({m['machine']})
+{runs_table(out)}## Timings ({m['machine']})
 
 | stage | seconds |
 |---|---|
-""" + "\n".join(f"| {k} | {v} |" for k, v in m["timings"].items()) + f"""
-
-Training throughput (training steps only, mean over the epochs in the history):
-{m.get('train_images_per_second', 'n/a')} images/s.
+""" + "".join(f"| {k} | {v} |\n" for k, v in m["timings"].items()) + f"""
+Training steps of all {len(m['history'])} epochs: {training_seconds:.0f} s,
+{len(m['history']) * m['n_train'] / training_seconds:,.0f} images/s.
 """
-    common.write_text(path, text)
-
-
-# ---------------------------------------------------------------------------------------
-# Main: data, model, training loop, evaluation, figures, report
-# ---------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.choose_device(args.device)
-    timings = {}
-    os.makedirs(args.out, exist_ok=True)
-
-    with common.stage(timings, "load MNIST"):
-        (train_u8, train_labels), (test_u8, test_labels) = common.load_mnist(
-            args.data_dir, download=not args.no_download)
-        train_images = (train_u8.float() / 255).unsqueeze(1).to(device)
-        test_images = (test_u8.float() / 255).unsqueeze(1).to(device)
-        train_labels, test_labels = train_labels.numpy(), test_labels.numpy()
-    progress_digits = test_images[:N_PROGRESS_DIGITS]
-
-    if args.eval_only or args.resume:
-        state = common.load_checkpoint(args.weights, CHECKPOINT_KIND)
-        model = model_from_checkpoint(state, args.weights, device)
-        hparams = dict(state["hparams"])
-        if args.resume:
-            hparams["epochs"] = args.epochs
-        history, progress, start_epoch = state["history"], state["progress"], state["epoch"] + 1
-    else:
-        hparams = {"latent": args.latent, "hidden": args.hidden, "beta": args.beta,
-                   "kl_warmup": args.kl_warmup, "lr": args.lr, "batch_size": args.batch_size,
-                   "epochs": args.epochs, "seed": args.seed}
-        common.seed_everything(args.seed)
-        model = build_model(hparams, device)
-        history, progress, start_epoch = [], [("Before training", reconstruct(model, progress_digits))], 1
-    trained_by = state.get("command") if args.eval_only else common.command_line()
-    optimizer = torch.optim.Adam(model.parameters(), lr=hparams["lr"])
-    if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
-
-    def save(epoch):
-        common.save_checkpoint(args.weights, CHECKPOINT_KIND, hparams, model,
-                               optimizer=optimizer.state_dict(), epoch=epoch,
-                               history=history, progress=progress, command=trained_by)
-
-    if not args.eval_only:
-        # A checkpoint exists from the start and after every epoch, so Ctrl-C never loses
-        # more than the epoch in progress, and --resume continues exactly.
-        if start_epoch == 1:
-            save(0)
-        train_start, epoch = time.perf_counter(), start_epoch - 1
-        try:
-            for epoch in range(start_epoch, hparams["epochs"] + 1):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(hparams, epoch)
-                t0 = time.perf_counter()
-                train = train_epoch(model, optimizer, train_images, hparams, epoch, device)
-                train_seconds = time.perf_counter() - t0
-                test = evaluate(model, test_images, hparams["beta"], device)
-                history.append({"epoch": epoch, "train": train, "test": test,
-                                "train_seconds": round(train_seconds, 2),
-                                "images_per_second": round(len(train_images) / train_seconds)})
-                if epoch == 1:
-                    progress.append(("At epoch 1", reconstruct(model, progress_digits)))
-                save(epoch)
-                print(f"epoch {epoch:3d}  train loss {train['loss']:7.2f}  test -ELBO "
-                      f"{test['negative_elbo']:7.2f} (recon {test['reconstruction']:6.2f}, "
-                      f"KL {test['kl']:5.2f})  {train_seconds:.1f}s", flush=True)
-        except KeyboardInterrupt:
-            raise common.UserError(f"interrupted during epoch {epoch}; {args.weights} holds "
-                                   f"the {epoch - 1} finished epochs (continue with "
-                                   f"--resume)") from None
-        timings["training"] = round(time.perf_counter() - train_start, 2)
-
-    epochs_trained = history[-1]["epoch"] if history else 0
-    final = [(f"After {epochs_trained} epochs", reconstruct(model, progress_digits))]
-    with common.stage(timings, "test ELBO"):
-        test = evaluate(model, test_images, hparams["beta"], device)
-    with common.stage(timings, "figures (samples, progress, curves)"):
-        plot_samples(model, os.path.join(args.out, "samples.png"), hparams["seed"], device)
-        plot_reconstruction_progress(progress_digits.cpu(), progress + final,
-                                     os.path.join(args.out, "reconstruction_progress.png"))
-        if history:
-            plot_training_curves(history, os.path.join(args.out, "training_curves.png"),
-                                 hparams.get("kl_warmup", 0.0))
-    with common.stage(timings, "latent means"):
-        train_features = latent_means(model, train_images)
-        test_features = latent_means(model, test_images)
-    with common.stage(timings, "SVM"):
-        svm = svm_on_latents(train_features, train_labels, test_features, test_labels, args,
-                             hparams["seed"])
-        common.plot_confusion_matrix(svm["test"], os.path.join(args.out, "svm_confusion_matrix.png"),
-                                     "SVM on VAE latent means, MNIST test")
-    with common.stage(timings, "t-SNE"):
-        _, tsne_index = common.plot_tsne(test_features, test_labels,
-                                         os.path.join(args.out, "tsne_latent.png"),
-                                         names=[str(d) for d in range(10)],
-                                         title="t-SNE of VAE latent means (MNIST test)",
-                                         n_points=args.tsne_points, seed=hparams["seed"])
-
-    metrics = {
-        "question": "Q1 VAE on MNIST",
-        "command": common.command_line(),
-        "trained_with": trained_by,
-        "mode": "eval-only" if args.eval_only else ("resume" if args.resume else "train"),
-        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": common.machine_info(device)["description"],
-        "torch": torch.__version__,
-        "hparams": hparams,
-        "epochs_trained": epochs_trained,
-        "test": test,
-        "svm": svm,
-        "tsne_points": int(len(tsne_index)),
-        "active_units": int(np.sum(test_features.var(axis=0) > 0.01)),
-        "history": history,
-        "timings": timings,
-    }
-    if history:
-        metrics["train_images_per_second"] = round(
-            len(history) * len(train_images) / sum(h["train_seconds"] for h in history))
-    common.write_json(os.path.join(args.out, "metrics.json"), metrics)
-    write_report(metrics, os.path.join(args.out, "report.md"))
-    print(f"test negative ELBO {test['negative_elbo']:.2f} nats; SVM test accuracy "
-          f"{svm['test']['accuracy']:.4f}; outputs in {args.out}")
-    return metrics
 
 
 if __name__ == "__main__":

@@ -1236,10 +1236,6 @@ def parse_args(argv=None):
     parser.add_argument("--interpolation-steps", type=positive_int, default=10)
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/training_state.pt")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="no training: figures and numbers from --weights")
     parser.add_argument("--weights", default=None, help="weights for --eval-only")
     parser.add_argument("--no-download", action="store_true", help="never try to download")
     parser.add_argument("--note", default="", help="a sentence for report.md and metrics.json "
