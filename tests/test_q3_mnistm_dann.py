@@ -590,13 +590,33 @@ def fake_metrics(dann=0.8, svm_shift=0.0, mixing=(0.95, 0.6), domain=0.6):
 
 def test_observation_branches():
     text = " ".join(q3.observations(fake_metrics()))
-    assert "above the paper's 0.7666" in text and "closing 64 %" in text
+    assert "(paper 0.7666), one seed: above the paper's figure" in text and "closing 64 %" in text
     assert "changes the MNIST-M accuracy little" in text and "much more overlap" in text
     assert "hard to tell apart" in text
     text = " ".join(q3.observations(fake_metrics(dann=0.7, svm_shift=-0.05, mixing=(0.95, 0.9),
                                                  domain=0.9)))
-    assert "below the paper's 0.7666" in text and "moves the MNIST-M accuracy by up to -0.050" in text
+    assert "below the paper's figure" in text and "moves the MNIST-M accuracy by up to -0.050" in text
     assert "not clearly more mixed" in text and "still tells the domains apart" in text
+    # like with like: the paper's numbers are of SVM-retrained last layers
+    text = " ".join(q3.observations(fake_metrics(dann=0.78, svm_shift=-0.05)))
+    assert "DANN reaches 0.7800 on MNIST-M, 0.7300 with the last layer retrained" in text
+    assert "below the paper's figure" in text
+
+
+def test_dann_seeds_at_the_same_epoch_count_are_summarised():
+    metrics = fake_metrics(dann=0.80)
+    metrics["settings"] = {"epochs": 27}
+    for r in metrics["runs"]:
+        r["training"]["epochs"] = 27
+    other = copy.deepcopy(metrics)
+    other["runs"] = [dict(r, seed=2, mnistm_test_accuracy=0.84, svm_mnistm_test_accuracy=0.82)
+                     for r in other["runs"] if r["model"] == "dann"]
+    longer = copy.deepcopy(other)
+    longer["runs"][0]["training"]["epochs"] = 30
+    text = " ".join(q3.dann_seeds(metrics, [("seed2", other), ("longer", longer)]))
+    assert "seeds 0, 2: MNIST-M test accuracy softmax 0.8200 ± 0.0283 (n=2)" in text
+    assert "SVM last layer 0.8100 ± 0.0141 (n=2)" in text
+    assert q3.dann_seeds(metrics, [("longer", longer)]) == []
 
 
 def committed_copy(tmp_path):
@@ -611,12 +631,13 @@ def test_committed_report_is_rendered_from_committed_metrics(tmp_path):
     q3.main(["--report-only", "--out", str(copy_dir)])
     assert (copy_dir / "report.md").read_text() == open(os.path.join(COMMITTED, "report.md")).read()
     metrics = json.loads((copy_dir / "metrics.json").read_text())
-    dann = metrics["summary"]["dann"]["mnistm_test_accuracy"]
-    dann["mean"] = dann["values"][0] = 0.1234
+    for key, value in (("mnistm_test_accuracy", 0.1234), ("svm_mnistm_test_accuracy", 0.1111)):
+        summary = metrics["summary"]["dann"][key]
+        summary["mean"] = summary["values"][0] = value
     (copy_dir / "metrics.json").write_text(json.dumps(metrics))
     q3.main(["--report-only", "--out", str(copy_dir)])
     report = (copy_dir / "report.md").read_text()
-    assert "DANN reaches 0.1234" in report and "below the paper's" in report
+    assert "DANN reaches 0.1234 on MNIST-M, 0.1111 with the last layer" in report and "below the paper's" in report
 
 
 def test_default_epochs_follow_the_committed_validation_run():
