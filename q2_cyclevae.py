@@ -437,6 +437,10 @@ def recalibrate_batch_norm(model, frames, rng, device, batches=50, batch_size=12
     model.eval()
 
 
+def autocast(args):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=getattr(args, "precision", "fp32") == "bf16")
+
+
 def training_step(model, optimizers, batch, args, warmup=1.0):
     """One step of each cycle: the forward cycle updates encoder and decoder, the reverse
     cycle the encoder only. As in the authors' code the reverse cycle has its own Adam over
@@ -446,19 +450,22 @@ def training_step(model, optimizers, batch, args, warmup=1.0):
     forward_optimizer, reverse_optimizer = optimizers
     x1, x2, xa, xb = batch
     model.train()
-    reconstruction, kl = forward_cycle_losses(model, x1, x2)
+    with autocast(args):
+        reconstruction, kl = forward_cycle_losses(model, x1, x2)
     loss = args.reconstruction_coef * reconstruction + warmup * args.kl_coef * kl
     forward_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.reverse_update == "joint":
-        reverse = reverse_cycle_backward(model, xa, xb, warmup * args.reverse_cycle_coef)
+        with autocast(args):
+            reverse = reverse_cycle_backward(model, xa, xb, warmup * args.reverse_cycle_coef)
         forward_optimizer.step()
     else:
         forward_optimizer.step()
         forward_optimizer.zero_grad(set_to_none=True)
         for group in reverse_optimizer.param_groups:
             group["lr"] = group["lr"] * warmup
-        reverse = reverse_cycle_backward(model, xa, xb, args.reverse_cycle_coef)
+        with autocast(args):
+            reverse = reverse_cycle_backward(model, xa, xb, args.reverse_cycle_coef)
         reverse_optimizer.step()
         reverse_optimizer.zero_grad(set_to_none=True)
     return {"reconstruction": check_finite(reconstruction.item(), "reconstruction loss"),
@@ -483,7 +490,7 @@ def make_batch(frames, rng, size, device):
     any_b = rng.integers(0, n_chars, size), rng.integers(0, n_frames, size)
     picks = [(chars, f1), (chars, f2), any_a, any_b]
     return [to_images(frames[torch.from_numpy(c), torch.from_numpy(f)]).to(device)
-            for c, f in picks]
+            .contiguous(memory_format=torch.channels_last) for c, f in picks]
 
 
 @torch.no_grad()
@@ -872,6 +879,14 @@ def evaluate(model, data, args, device, out, timings, history=None):
         wrong_pose_pred_z = pose_from_z(pz_z) != true_pose
         wrong_id_recon = id_from_s(rs) != true_id
         wrong_pose_recon = pose_from_z(rz) != true_pose
+        partner = np.random.default_rng(args.seed + 11).permutation(len(held))
+        other = identity[held][partner] != true_id
+        swapped = decode_all(model, z_h[other], s_h[partner][other], device)
+        sw_z, sw_s = encode_all(model, (swapped * 255).round().to(torch.uint8), device)
+        metrics["swap_rates"] = {
+            "identity_right": float(np.mean(id_from_s(sw_s) == true_id[partner][other])),
+            "pose_right": float(np.mean(pose_from_z(sw_z) == true_pose[other])),
+            "n": int(other.sum())}
         s_err = float(np.mean((z_to_s(z_h) - s_h) ** 2) / np.mean((s_h - s_train.mean(0)) ** 2))
         z_err = float(np.mean((s_to_z(s_h) - z_h) ** 2) / np.mean((z_h - z_train.mean(0)) ** 2))
         metrics["prediction_networks"] = {
@@ -1234,6 +1249,8 @@ def parse_args(argv=None):
                              "(0 = all)")
     parser.add_argument("--grids", type=positive_int, default=3, help="swap grids to draw")
     parser.add_argument("--interpolation-steps", type=positive_int, default=10)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--validation-only", action="store_true")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--resume", action="store_true",
@@ -1301,7 +1318,7 @@ def main(argv=None):
             run_note = f"--eval-only from {args.weights}, batch-norm statistics recomputed on "
             run_note += "training pairs first"
     else:
-        model = build_model(model_hparams(args)).to(device)
+        model = build_model(model_hparams(args)).to(device).to(memory_format=torch.channels_last)
         load_before = os.getloadavg()[0]
         with stage(timings, "train"):
             history, training = train(model, data, args, device, out, timings)
@@ -1316,6 +1333,8 @@ def main(argv=None):
         run_note = (f"trained {training['epochs_done']} epochs"
                     + (" (stopped by --time-limit-min)" if training["stopped_by_time_limit"]
                        else ""))
+    if args.validation_only:
+        data["splits"] = dict(data["splits"], test=data["splits"]["val"])
     metrics = evaluate(model, data, args, device, out, timings, history)
     command = command_line() if argv is None else "python q2_cyclevae.py " + " ".join(argv)
     metrics.update(command=command, machine=machine_info(device)["description"], run_note=run_note, note=args.note,
