@@ -47,12 +47,8 @@ def parse_args(argv=None):
                         help="C of the RBF-kernel SVM")
     parser.add_argument("--tsne-points", type=common.positive_int, default=common.TSNE_POINTS,
                         help="test images in the t-SNE (a fixed random subset)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="load --weights and remake every figure and number without training")
     parser.add_argument("--weights", default=None,
                         help="checkpoint for --eval-only/--resume (None: <out>/vae.pt)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue training from the last checkpoint in --weights")
     parser.add_argument("--no-download", action="store_true",
                         help="never try to download MNIST")
     common.add_common_args(parser, "outputs/q1")

@@ -102,13 +102,9 @@ def parse_args(argv=None):
                         help="training images for the SVM (default 20000)")
     parser.add_argument("--tsne-points", type=positive_int, default=500,
                         help="test images per domain in the Figure 5 t-SNE (default 500)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="no training: recompute every number and figure from saved weights")
     parser.add_argument("--weights", default=None,
                         help="--eval-only: a weights file or a folder holding source_only.pt, "
                              "dann.pt, target_only.pt (default: the --out folder)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue interrupted runs from out/checkpoints; reuse finished models")
     args = parser.parse_args(argv)
     if not 0 <= args.momentum < 1:
         parser.error("argument --momentum: must be in [0, 1)")

@@ -68,10 +68,6 @@ def parse_args(argv=None):
                    help="repeat everything over K seeds and report mean and std (default 1)")
     p.add_argument("--test-per-class", type=positive_int, default=1000,
                    help="held-out examples per class and domain (default 1000)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from <out>/train_state.pt")
-    p.add_argument("--eval-only", action="store_true",
-                   help="no training: rebuild the models from --weights and redraw everything")
     p.add_argument("--weights", nargs="+", default=None,
                    help="with --eval-only: nn.pt and/or dann.pt (default: the two in --out)")
     add_common_args(p, OUT, seed_default=42, data_dir=False)  # 42: the authors' seed

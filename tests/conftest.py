@@ -48,3 +48,71 @@ def write_fake_mnist(root, n_train=300, n_test=100):
 def fake_mnist_dir(tmp_path_factory):
     """A data folder holding 300 train and 100 test fake digits in torchvision's MNIST layout."""
     return write_fake_mnist(str(tmp_path_factory.mktemp("data")))
+
+
+class LocalServer:
+    """A real HTTP server on 127.0.0.1 serving the folder `root`. url(name) is a good source;
+    url(name, fail="404") answers 404; url(name, fail="drop") announces the full size, sends
+    half of the file and closes the connection."""
+
+    def __init__(self, root):
+        import functools
+        import http.server
+        import threading
+
+        self.root = str(root)
+        self.requests = []
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+            def _route(self):
+                server.requests.append(self.path)
+                kind, _, rest = self.path.lstrip("/").partition("/")
+                return kind, "/" + rest
+
+            def do_HEAD(self):
+                kind, self.path = self._route()
+                if kind == "404":
+                    return self.send_error(404)
+                return super().do_HEAD()
+
+            def do_GET(self):
+                kind, self.path = self._route()
+                if kind == "404":
+                    return self.send_error(404)
+                if kind == "drop":
+                    data = open(os.path.join(server.root, self.path.lstrip("/")), "rb").read()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                return super().do_GET()
+
+        handler = functools.partial(Handler, directory=self.root)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name, fail="ok"):
+        return f"http://127.0.0.1:{self.port}/{fail}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server for download tests (no network needed); see LocalServer."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = LocalServer(root)
+    yield server
+    server.close()

@@ -115,19 +115,79 @@ def test_check_finite_stops_on_nan():
         common.check_finite(torch.tensor(float("nan")), "training loss")
 
 
-def test_missing_mnist_names_the_four_files(tmp_path, monkeypatch):
-    import torchvision.datasets.mnist as tv_mnist
-
-    def no_network(self):
-        raise OSError("no network")
-
-    monkeypatch.setattr(tv_mnist.MNIST, "download", no_network)
+def test_mnist_with_every_mirror_down_names_the_files_and_sources(tmp_path, http_server,
+                                                                  monkeypatch, capsys):
+    mirrors = (http_server.url("", "404"), "http://127.0.0.1:9/mnist/")
+    monkeypatch.setattr(common, "MNIST_MIRRORS", mirrors)
     with pytest.raises(common.UserError) as error:
         common.load_mnist(str(tmp_path), download=True)
     message = str(error.value)
-    for name in common.MNIST_FILES:
-        assert name in message
+    assert all(name in message for name in common.MNIST_FILES)
+    assert mirrors[0] in message and mirrors[1] in message
     assert os.path.join(str(tmp_path), "MNIST", "raw") in message
+    assert "HTTP 404" in capsys.readouterr().err
+    raw = tmp_path / "MNIST" / "raw"
+    assert not raw.exists() or os.listdir(raw) == []  # nothing half-written
+
+
+def test_mnist_downloads_from_the_second_mirror_and_checks_md5(tmp_path, http_server,
+                                                               monkeypatch, fake_mnist_dir):
+    import gzip
+
+    source = os.path.join(fake_mnist_dir, "MNIST", "raw")
+    md5 = {}
+    for name in common.MNIST_FILES:
+        data = gzip.compress(open(os.path.join(source, name), "rb").read(), mtime=0)
+        (tmp_path / "served" / (name + ".gz")).write_bytes(data)
+        import hashlib
+        md5[name] = hashlib.md5(data).hexdigest()
+    monkeypatch.setattr(common, "MNIST_GZ_MD5", md5)
+    monkeypatch.setattr(common, "MNIST_MIRRORS", (http_server.url("", "404"),
+                                                  http_server.url("")))
+    data_dir = tmp_path / "data"
+    (train_x, train_y), _ = common.load_mnist(str(data_dir))
+    assert train_x.shape == (300, 28, 28)
+    assert any(r.startswith("/ok/") for r in http_server.requests)
+    # a mirror serving other bytes fails its checksum and nothing is left behind
+    monkeypatch.setattr(common, "MNIST_GZ_MD5", {k: "0" * 32 for k in md5})
+    with pytest.raises(common.UserError, match="could not be downloaded"):
+        common.load_mnist(str(tmp_path / "data2"))
+    assert os.listdir(tmp_path / "data2" / "MNIST" / "raw") == []
+
+
+def test_mnist_gz_files_alone_work_offline(tmp_path, fake_mnist_dir):
+    import gzip
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in common.MNIST_FILES:
+        data = open(os.path.join(fake_mnist_dir, "MNIST", "raw", name), "rb").read()
+        (raw / (name + ".gz")).write_bytes(gzip.compress(data))
+    (train_x, _), (test_x, test_y) = common.load_mnist(str(tmp_path), download=False)
+    assert train_x.shape == (300, 28, 28) and len(test_y) == 100
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("labels_out_of_range", "outside 0-9"),
+    ("fewer_labels", "holds 300 images but"),
+    ("garbage", "t10k-images-idx3-ubyte is not an IDX file"),
+    ("wrong_shape", "not uint8 images of 28x28"),
+])
+def test_corrupt_mnist_is_refused_with_the_file_named(tmp_path, damage, message):
+    from conftest import write_fake_mnist, write_idx
+
+    write_fake_mnist(str(tmp_path))
+    raw = tmp_path / "MNIST" / "raw"
+    if damage == "labels_out_of_range":
+        write_idx(raw / "train-labels-idx1-ubyte", np.full(300, 11))
+    elif damage == "fewer_labels":
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros(299))
+    elif damage == "garbage":
+        (raw / "t10k-images-idx3-ubyte").write_bytes(b"not an idx file at all")
+    else:
+        write_idx(raw / "train-images-idx3-ubyte", np.zeros((300, 28, 27)))
+    with pytest.raises(common.UserError, match=message):
+        common.load_mnist(str(tmp_path), download=False)
 
 
 def test_load_mnist_reads_idx_files(fake_mnist_dir):
@@ -142,3 +202,206 @@ def test_choose_device():
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match="no CUDA"):
             common.choose_device("cuda")
+
+
+def test_importing_common_leaves_the_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('pdf'); import common; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(common.__file__)), check=True)
+    assert out.stdout.strip() == "pdf"
+
+
+def test_seed_type_and_prepare_out(tmp_path):
+    assert common.seed_type("0") == 0 and common.seed_type(str(2**32 - 1)) == 2**32 - 1
+    for bad in ("-1", str(2**32), "1.5"):
+        with pytest.raises(ValueError):
+            common.seed_type(bad)
+    assert common.prepare_out(str(tmp_path / "a" / "b")) and (tmp_path / "a" / "b").is_dir()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(common.UserError, match="is a file, not a folder"):
+        common.prepare_out(str(a_file))
+    with pytest.raises(common.UserError, match="cannot be written"):
+        common.prepare_out(str(a_file / "below"))
+    with pytest.raises(common.UserError, match="cannot be written"):
+        common.prepare_out("/proc/no-such-output-folder")
+
+
+def test_folder_given_as_weights_is_named_a_folder(tmp_path):
+    with pytest.raises(common.UserError, match="is a folder"):
+        common.load_checkpoint(str(tmp_path), "kind_a")
+
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "out")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=30)
+    return parser
+
+
+def test_resume_takes_settings_from_the_state_and_refuses_other_ones(tmp_path):
+    parser = _parser()
+    path = str(tmp_path / "state.pt")
+    args = parser.parse_args(["--epochs", "2", "--lr", "0.5"])
+    assert common.given_flags(parser, ["--epochs", "2", "--lr=0.5"]) == {"epochs", "lr"}
+    assert common.training_settings(args) == {"seed": 0, "lr": 0.5, "epochs": 2}
+    torch.manual_seed(3)
+    common.save_training_state(path, common.training_settings(args), step=7)
+    expected = torch.rand(3)
+
+    argv = ["--resume"]
+    resumed = parser.parse_args(argv)
+    torch.manual_seed(99)
+    state = common.load_training_state(path, resumed, parser, argv)
+    assert state["step"] == 7 and resumed.epochs == 2 and resumed.lr == 0.5
+    assert torch.equal(torch.rand(3), expected)  # the RNG continues where it was saved
+
+    argv = ["--resume", "--epochs", "2", "--lr", "0.02"]
+    with pytest.raises(common.UserError, match=r"--lr 0.02 \(the run has 0.5\)") as error:
+        common.load_training_state(path, parser.parse_args(argv), parser, argv)
+    assert "--epochs" not in str(error.value)  # the same value given again is fine
+
+    with pytest.raises(common.UserError, match="no interrupted run to continue"):
+        common.load_training_state(str(tmp_path / "none.pt"), resumed, parser, ["--resume"])
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(common.UserError, match="truncated"):
+        common.load_training_state(str(tmp_path / "bad.pt"), resumed, parser, ["--resume"])
+
+
+def test_compare_with_committed_says_reproduced_or_the_difference(tmp_path, capsys):
+    rows = common.compare_with_committed({"svm": {"accuracy": 0.98}, "elbo": 97.4, "new": 1},
+                                         {"svm": {"accuracy": 0.98}, "elbo": 97.5, "old": 2},
+                                         str(tmp_path))
+    assert [(r["name"], r["reproduced"]) for r in rows] == [("elbo", False),
+                                                           ("svm.accuracy", True)]
+    out = capsys.readouterr().out
+    assert "differs by -0.1" in out and "reproduced" in out and "1 of 2 numbers" in out
+    assert common.read_json(str(tmp_path / "comparison.json"), "x")["compared"] == 2
+
+
+def test_report_only_renders_from_metrics_and_runs(tmp_path):
+    common.write_json(str(tmp_path / "metrics.json"), {"accuracy": 0.5})
+    common.write_json(str(tmp_path / "runs" / "seed1" / "metrics.json"), {"accuracy": 0.7})
+
+    def render(metrics, out):
+        runs = ", ".join(f"{name} {m['accuracy']}" for name, m in common.other_runs(out))
+        return f"accuracy {metrics['accuracy']}; other runs: {runs}\n"
+
+    common.report_only(str(tmp_path), render)
+    assert (tmp_path / "report.md").read_text() == "accuracy 0.5; other runs: seed1 0.7\n"
+    with pytest.raises(common.UserError, match="metrics file .* does not exist"):
+        common.report_only(str(tmp_path / "empty"), render)
+
+
+def _cli_program(tmp_path, body):
+    program = tmp_path / "program.py"
+    program.write_text("import sys, time\nsys.path.insert(0, %r)\nimport common\n"
+                       "def main(argv=None):\n%s\ncommon.run_cli(main)\n"
+                       % (os.path.dirname(os.path.abspath(common.__file__)), body))
+    return str(program)
+
+
+def test_run_cli_sigterm_and_user_error_exit_codes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    program = _cli_program(tmp_path, "    common.note_saved('epoch 1 is saved in x.pt')\n"
+                                     "    print('ready', flush=True)\n    time.sleep(60)")
+    process = subprocess.Popen([sys.executable, program], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert err.strip() == "interrupted: epoch 1 is saved in x.pt"
+
+    program = _cli_program(tmp_path, "    raise common.UserError('the file x is missing')")
+    done = subprocess.run([sys.executable, program], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == "error: the file x is missing\n"
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "state.pt")
+    common.save_checkpoint(path, "kind_a", {}, torch.nn.Linear(2, 2), step=1)
+    # a child process writes a large checkpoint over it and is killed in the middle
+    code = ("import sys, torch; sys.path.insert(0, %r); import common\n"
+            "def slow(tmp):\n"
+            "    torch.save({'big': torch.zeros(2_000_000)}, tmp)\n"
+            "    print('written', flush=True)\n"
+            "    import time; time.sleep(60)\n"
+            "common.atomic_write(%r, slow)\n"
+            % (os.path.dirname(os.path.abspath(common.__file__)), path))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "written"  # the temporary file is complete
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert common.load_checkpoint(path, "kind_a")["step"] == 1
+
+
+def _archive(tmp_path, name=b"payload"):
+    import tarfile
+
+    folder = tmp_path / "served"
+    (tmp_path / "photo.txt").write_bytes(name * 1000)
+    with tarfile.open(folder / "data.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "photo.txt", arcname="data/photo.txt")
+    return folder / "data.tgz"
+
+
+def _tar_check(path):
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ValueError(f"not a complete tar archive ({error})") from None
+
+
+def test_download_first_falls_back_to_the_next_source(tmp_path, http_server, capsys):
+    _archive(tmp_path)
+    sources = (http_server.url("data.tgz", "404"), http_server.url("data.tgz", "drop"),
+               http_server.url("data.tgz"))
+    dest = tmp_path / "data"
+    path = common.download_first(sources, str(dest), "data.tgz", check=_tar_check)
+    assert os.listdir(dest) == ["data.tgz"]
+    _tar_check(path)
+    captured = capsys.readouterr()
+    assert f"fetching data.tgz from {sources[0]}" in captured.out
+    assert f"  {sources[0]}: HTTP 404" in captured.err
+    assert f"  {sources[1]}: the connection closed after" in captured.err
+    assert sources[2] not in captured.err
+    # once in place it is used without asking any source
+    count = len(http_server.requests)
+    assert common.download_first(sources, str(dest), "data.tgz", check=_tar_check) == path
+    assert len(http_server.requests) == count
+
+
+def test_download_first_rejects_a_wrong_checksum_and_every_source_down(tmp_path, http_server,
+                                                                      capsys):
+    from torchvision.datasets.utils import calculate_md5
+
+    good = calculate_md5(str(_archive(tmp_path)))
+    _archive(tmp_path, b"changed")  # the server now holds other bytes
+    dest = tmp_path / "data"
+    with pytest.raises(common.UserError) as error:
+        common.download_first((http_server.url("data.tgz"), "http://127.0.0.1:9/data.tgz"),
+                              str(dest), "data.tgz", md5=good,
+                              offline_hint="put data.tgz into the data folder")
+    message = str(error.value)
+    assert message.startswith("data.tgz could not be downloaded from any of its 2 sources")
+    assert message.endswith("put data.tgz into the data folder")
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert os.listdir(dest) == []  # nothing half-written
