@@ -1375,7 +1375,9 @@ def choices_section(m):
         f"sigmoid.",
         f"- Losses as in the authors' MNIST code: MSE of both swapped reconstructions x "
         f"{a['reconstruction_coef']:g}, KL summed and divided by B*C*H*W x {a['kl_coef']:g}, "
-        f"L1 between the re-encoded z means x {a['reverse_cycle_coef']:g}; the reverse cycle "
+        f"L1 between the re-encoded z means x {a['reverse_cycle_coef']:g}"
+        + ("" if (a["reconstruction_coef"], a["reverse_cycle_coef"], a["kl_coef"]) == (2, 10, 3)
+           else " (the authors' weights are 2 / 10 / 3)") + "; the reverse cycle "
         f"uses s without gradient and "
         + ("its own Adam over the encoder's parameters." if a["reverse_update"] == "separate"
            else "is summed with the forward cycle into one Adam step."),
@@ -1422,7 +1424,7 @@ def build_parser():
     add = parser.add_argument
     add("--z-dim", type=positive_int, default=8, help="size of z (paper 512)")
     add("--s-dim", type=positive_int, default=8, help="size of s (paper 64)")
-    add("--width", type=positive_int, default=16, help="channels of the first conv (x2 a layer)")
+    add("--width", type=positive_int, default=32, help="channels of the first conv (x2 a layer)")
     add("--norm", choices=["batch", "none"], default="batch", help="normalisation in hidden layers")
     add("--batch-size", type=positive_int, default=64, help="pairs per step")
     add("--epochs", type=positive_float, default=5.0, help="epochs (training frames / batch steps)")
@@ -1431,7 +1433,7 @@ def build_parser():
     add("--lr-drop-epoch", type=nonnegative_float, default=4.0, help="lr /10 from here (0 = never)")
     add("--reconstruction-coef", type=nonnegative_float, default=2.0)
     add("--reverse-cycle-coef", type=nonnegative_float, default=10.0)
-    add("--kl-coef", type=nonnegative_float, default=3.0)
+    add("--kl-coef", type=nonnegative_float, default=1.0, help="authors' code: 3")
     add("--warmup-epochs", type=nonnegative_float, default=1.0,
         help="KL and reverse cycle off for the first half of this, then ramped up (0 = off)")
     add("--reverse-update", choices=["separate", "joint"], default="separate",
@@ -1441,7 +1443,7 @@ def build_parser():
     add("--val-pairs", type=positive_int, default=1024, help="fixed validation pairs")
     add("--val-every", type=positive_float, default=0.5, help="validate and save every N epochs")
     add("--paper-scale", action="store_true",
-        help="z 512, s 64, width 64, 100 epochs, lr 1e-4 /10 at 80, no warm-up")
+        help="z 512, s 64, width 64, KL weight 3, 100 epochs, lr 1e-4 /10 at 80, no warm-up")
     add("--classifier-epochs", type=positive_int, default=30)
     add("--classifier-train-fraction", type=positive_float, default=0.8)
     add("--predictor-epochs", type=positive_int, default=5)
@@ -1465,6 +1467,7 @@ def parse_args(parser, argv=None):
     if args.paper_scale:
         args.z_dim, args.s_dim, args.width = 512, 64, 64
         args.epochs, args.lr, args.lr_drop_epoch, args.warmup_epochs = 100.0, 1e-4, 80.0, 0.0
+        args.kl_coef = 3.0
     if args.classifier_train_fraction >= 1:
         parser.error("--classifier-train-fraction must be below 1")
     if args.interpolation_steps < 2:

@@ -630,3 +630,19 @@ def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as exit_info:
         q2.parse_args(q2.build_parser(), argv)
     assert exit_info.value.code == 2
+
+
+def test_choices_follow_the_flags(trained, tmp_path):
+    def weights(kl, warmup):
+        def change(metrics):
+            metrics["settings"].update(kl_coef=kl, reconstruction_coef=2, reverse_cycle_coef=10,
+                                       warmup_epochs=warmup)
+        return change
+    authors = judged(trained, tmp_path, weights(3, 0))
+    assert "x 3, L1" in authors and "the authors' weights are" not in authors
+    assert "- No warm-up (the authors' setting)." in authors
+    ours = judged(trained, tmp_path, weights(1, 1))
+    assert "x 1, L1" in ours and "(the authors' weights are 2 / 10 / 3)" in ours
+    assert "are 0 for the first 0.5 epochs and reach their full value linearly at epoch 1" in ours
+    paper = q2.parse_args(q2.build_parser(), ["--paper-scale"])
+    assert (paper.z_dim, paper.s_dim, paper.kl_coef, paper.epochs) == (512, 64, 3.0, 100.0)
