@@ -563,11 +563,12 @@ def history(target_val, domain=0.6):
 
 
 def test_epoch_choice_branches():
-    levelled = {"command": "c", "runs": [{"model": "dann", "training": {
+    levelled = {"command": "c", "runs": [{"model": "dann", "mnistm_test_accuracy": 0.81, "training": {
         "seed": 1, "epochs": 4, "history": history([0.5, 0.7, 0.795, 0.80])}}]}
     text = "\n".join(q3.epoch_choice_section([("epoch_choice", levelled)], 3))
     assert "first epoch within 0.01 of it is epoch 3: after epoch 3 it gains less" in text
     assert "the count this validation run points to." in text
+    assert "evaluated once after its training: 0.8100." in text
     text = "\n".join(q3.epoch_choice_section([("epoch_choice", levelled)], 4))
     assert "not the 3 this validation run points to" in text
     rising = copy.deepcopy(levelled)
