@@ -593,6 +593,19 @@ def command_line():
     return "python " + " ".join(sys.argv)
 
 
+DATA_FLAGS = ("--data-dir", "--cache-dir", "--bsds-dir", "--mnistm-dir")
+
+
+def shown_command(command):
+    """A stored command as a report shows it: an absolute data folder, which belongs to the
+    machine that ran it, is written DATA_DIR (metrics.json keeps the command as it ran)."""
+    words = command.split(" ")
+    for i, word in enumerate(words[:-1]):
+        if word in DATA_FLAGS and os.path.isabs(words[i + 1]):
+            words[i + 1] = "DATA_DIR"
+    return " ".join(words)
+
+
 @contextmanager
 def stage(timings, name):
     """Record the wall time of a named stage in `timings` (seconds)."""

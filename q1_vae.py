@@ -565,7 +565,7 @@ def beta_table(m, out):
              "as many" if b["active_units"] == m["active_units"] else "more")
     return f"""## beta-VAE: beta = {b['settings']['beta']:g} beside beta = {m['settings']['beta']:g}
 
-`{b['command']}` trains the same model with the KL weighted by beta = {b['settings']['beta']:g}
+`{common.shown_command(b['command'])}` trains the same model with the KL weighted by beta = {b['settings']['beta']:g}
 (Higgins et al. 2017); its own report is [beta4/report.md](beta4/report.md). Test set, nats per image:
 
 {chr(10).join(lines)}
@@ -586,7 +586,7 @@ def runs_table(out):
         return ""
     lines = ["| run | command | negative ELBO | KL | active units | SVM test accuracy | "
              "silhouette | training s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | `{r['command']}` | {r['test']['negative_elbo']:.2f} | "
+    lines += [f"| {name} | `{common.shown_command(r['command'])}` | {r['test']['negative_elbo']:.2f} | "
               f"{r['test']['kl']:.2f} | {r['active_units']} | {r['svm']['test']['accuracy']:.4f} | "
               f"{r['silhouette']:.3f} | {r['timings']['training']:.0f} |" for name, r in runs]
     return ("## Other runs\n\nEach from its own `runs/<name>/metrics.json` (the same script):\n\n"
@@ -615,7 +615,7 @@ def render_report(metrics, out):
     progress = "; ".join(f"{p['label']} {p['reconstruction']:.1f}" for p in m["progress"])
     return f"""# Question 1: VAE on MNIST
 
-Command: `{m['command']}` ({m['mode']}; {m['machine']}; {m['timestamp']}; wall time
+Command: `{common.shown_command(m['command'])}` ({m['mode']}; {m['machine']}; {m['timestamp']}; wall time
 {m['wall_seconds']:.0f} s).
 
 Model: encoder conv 4x4/2 16 - conv 4x4/2 32 - FC {s['hidden'] // 2} - 2x{s['latent']} (mean and

@@ -1129,7 +1129,7 @@ def header_section(m):
     precision = {"bf16": "bf16 autocast (float32 weights and losses)", "fp32": "float32"}
     return [
         "# Question 2: Cycle-Consistent VAE on the 2D Sprites (Jha et al., ECCV 2018)", "",
-        f"Command: `{m['command']}`  ",
+        f"Command: `{common.shown_command(m['command'])}`  ",
         f"Machine: {m['machine']}; arithmetic: {precision[tr['precision']]}  ",
         f"Wall time of the whole run: {t['total_seconds'] / 60:.1f} min (training "
         f"{tr['train_seconds'] / 60:.1f} min).", "",

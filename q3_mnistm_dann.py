@@ -38,7 +38,8 @@ from common import (UserError, add_common_args, atomic_write, check_finite, choo
                     load_mnist, load_training_state, load_weights, machine_info, note_saved,
                     other_runs, plot_confusion_matrix, positive_int, positive_float,
                     prepare_out, read_json, report_only, run_cli, save_checkpoint, save_figure,
-                    save_training_state, scatter_by_label, seed_everything, seed_type, stage,
+                    save_training_state, scatter_by_label, seed_everything, seed_type,
+                    shown_command, stage,
                     subsample, training_settings, tsne_embed, write_json, write_text)
 
 OUT_DEFAULT = "outputs/q3_mnistm"
@@ -982,7 +983,7 @@ def epoch_choice_section(runs_here, epochs):
     source_best = max(history, key=lambda h: h["source_val_accuracy"])
     domain_low = min(history, key=lambda h: h["val_domain_accuracy"])
     lines = [f"One DANN run (seed {record['seed']}, {record['epochs']} epochs, "
-             f"`{choice['command']}`) watched the held-out validation images after every epoch:", "",
+             f"`{shown_command(choice['command'])}`) watched the held-out validation images after every epoch:", "",
              "| epoch | lr_p | lambda_p | domain acc. (training batches) | domain acc. (validation) "
              "| MNIST validation | MNIST-M validation (oracle) |", "|" + "---|" * 7]
     lines += [f"| {h['epoch']} | {h['lr']:.5f} | {h['lambda']:.3f} | {h['domain_accuracy']:.3f} | "
@@ -1020,7 +1021,7 @@ def other_runs_section(runs_here, metrics):
             f"{MODEL_TITLES[r['model']]} {r['seed']}: {r['mnistm_test_accuracy']:.4f}"
             + (f" ({r['svm_mnistm_test_accuracy']:.4f})" if "svm_mnistm_test_accuracy" in r else "")
             for r in kept["runs"])
-        lines.append(f"| runs/{name} | `{kept['command']}` | {results} | "
+        lines.append(f"| runs/{name} | `{shown_command(kept['command'])}` | {results} | "
                      f"{kept['settings']['epochs']} | {kept['timings']['total_seconds'] / 60:.1f} min |")
     return lines + [""] + dann_seeds(metrics, runs_here)
 
@@ -1159,7 +1160,7 @@ def render_report(metrics, out):
     """report.md from metrics.json and the runs kept in <out>/runs/ alone."""
     s, figures, runs_here = metrics["settings"], metrics["figures"], other_runs(out)
     lines = ["# Question 3.2: DANN from MNIST to MNIST-M (Ganin et al., JMLR 2016, Section 5.2)", "",
-             f"Command: `{metrics['command']}`", "",
+             f"Command: `{shown_command(metrics['command'])}`", "",
              f"Machine: {metrics['machine']['description']}; device `{metrics['device']}`.", "",
              "## Table 2 (target = MNIST-M test accuracy)", ""]
     lines += table2(metrics["summary"], s["svm_retrain"])

@@ -642,7 +642,7 @@ def other_runs_table(other_runs):
         return "No other runs are saved in `runs/`."
     cell = lambda m, model, score: (  # noqa: E731
         f"{m['summary'][model][score]['mean']:.4f} +- {m['summary'][model][score]['std']:.4f}")
-    rows = [f"| `runs/{name}` | `{m['command']}` | {m['settings']['n_per_class']} | "
+    rows = [f"| `runs/{name}` | `{common.shown_command(m['command'])}` | {m['settings']['n_per_class']} | "
             f"{len(m['runs'])} | {cell(m, 'nn', 'target_test_accuracy')} | "
             f"{cell(m, 'dann', 'target_test_accuracy')} | "
             f"{cell(m, 'nn', 'target_train_accuracy')} | "
@@ -811,7 +811,7 @@ def render_report(metrics, out):
              f"network-steps/s.")
     return f"""# Question 3.1: shallow DANN on the two moons (Ganin et al. 2016, Section 5.1.1, Figure 2)
 
-Command: `{metrics['command']}`{resumed}
+Command: `{common.shown_command(metrics['command'])}`{resumed}
 
 {setting}
 

@@ -405,3 +405,11 @@ def test_download_first_rejects_a_wrong_checksum_and_every_source_down(tmp_path,
     assert message.endswith("put data.tgz into the data folder")
     assert "checksum mismatch" in capsys.readouterr().err
     assert os.listdir(dest) == []  # nothing half-written
+
+
+def test_shown_command_hides_only_absolute_data_folders():
+    assert (common.shown_command("python q2_cyclevae.py --data-dir /srv/data/sprites --width 32")
+            == "python q2_cyclevae.py --data-dir DATA_DIR --width 32")
+    assert (common.shown_command("python q3_mnistm_dann.py --data-dir ./data --cache-dir /c")
+            == "python q3_mnistm_dann.py --data-dir ./data --cache-dir DATA_DIR")
+    assert common.shown_command("python q1_vae.py") == "python q1_vae.py"
