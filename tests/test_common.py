@@ -204,12 +204,12 @@ def test_choose_device():
             common.choose_device("cuda")
 
 
-def test_importing_common_leaves_the_matplotlib_backend_alone():
+def test_importing_the_scripts_leaves_the_matplotlib_backend_alone():
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('pdf'); import common; "
-            "print(matplotlib.get_backend())")
+    code = ("import matplotlib; matplotlib.use('pdf'); import common, q1_vae, q2_cyclevae, "
+            "q3_toy_dann, q3_mnistm_dann; print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(common.__file__)), check=True)
     assert out.stdout.strip() == "pdf"
