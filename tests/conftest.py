@@ -50,6 +50,18 @@ def fake_mnist_dir(tmp_path_factory):
     return write_fake_mnist(str(tmp_path_factory.mktemp("data")))
 
 
+def interrupt_on_call(monkeypatch, module, name, call):
+    """Make module.name raise KeyboardInterrupt (as Ctrl-C does) on its `call`-th call."""
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, interrupted)
+
+
 class LocalServer:
     """A real HTTP server on 127.0.0.1 serving the folder `root`. url(name) is a good source;
     url(name, fail="404") answers 404; url(name, fail="drop") announces the full size, sends

@@ -16,6 +16,7 @@ from scipy.io import savemat
 import common
 import q2_cyclevae as q2
 from common import UserError
+from conftest import interrupt_on_call
 
 ANIM_LENGTHS = [2, 2, 1, 1] + [1] * 17   # 21 animations, 25 frames per character
 N_FRAMES = sum(ANIM_LENGTHS)
@@ -105,15 +106,8 @@ def trained(tmp_path_factory, sprites_dir):
 
 
 def interrupt_at(monkeypatch, call):
-    """Make the training step raise KeyboardInterrupt (Ctrl-C) on its `call`-th call."""
-    real, calls = q2.training_step, []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(q2, "training_step", step)
+    """Ctrl-C at the `call`-th training step."""
+    interrupt_on_call(monkeypatch, q2, "training_step", call)
 
 
 def test_v73_reader_fortran_layout(tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import q3_mnistm_dann as q3
 from common import UserError, run_cli, save_checkpoint
-from conftest import fake_digits
+from conftest import fake_digits, interrupt_on_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "outputs", "q3_mnistm")
@@ -512,14 +512,7 @@ def test_eval_only_writes_only_under_eval_and_reproduces(finished_run, fake_mnis
 # ---------------------------------------------------------------------------------------
 def interrupt_at_validation(monkeypatch, call):
     """Ctrl-C at the `call`-th end-of-epoch validation (before that epoch is saved)."""
-    real, calls = q3.validation_accuracies, []
-
-    def validation(*a, **k):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(q3, "validation_accuracies", validation)
+    interrupt_on_call(monkeypatch, q3, "validation_accuracies", call)
 
 
 def test_interrupt_then_resume_is_bit_identical(finished_run, fake_mnist_dir, fake_bsds_dir,
