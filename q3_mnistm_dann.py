@@ -1001,9 +1001,8 @@ def epoch_choice_section(runs_here, epochs):
                  else f"not the {near} this validation run points to.")
               + f" The validation run's own MNIST-M test accuracy, evaluated once after its "
               f"training: {choice['runs'][0]['mnistm_test_accuracy']:.4f}.",
-              "", f"Without target labels one would watch the other two columns, as the ICML 2015 "
-              f"version of the paper suggests for setting meta-parameters (adaptation works best "
-              f"when the source error is low and the domain classifier's error high): the MNIST "
+              "", f"Without target labels one can only watch the other two columns (a low source "
+              f"error and a high domain-classifier error are the signs of adaptation): the MNIST "
               f"validation accuracy peaks at epoch {source_best['epoch']} "
               f"({source_best['source_val_accuracy']:.4f}), and the domain classifier is weakest on "
               f"the validation images at epoch {domain_low['epoch']} "

@@ -571,6 +571,7 @@ def test_runs_table_and_its_verdict(trained, tmp_path):
     out = str(tmp_path / "q2")
     shutil.copytree(trained, out, ignore=shutil.ignore_patterns("*.pt", "*.png"))
     metrics = json.load(open(os.path.join(out, "metrics.json")))
+    metrics["validation"]["targets"] = {k: False for k in q2.PARTITION_TARGETS}
     assert "No validation runs are stored" in q2.render_report(metrics, out)
     for name, mse, met in (("a_wide", 0.002, True), ("b_small", 0.001, False)):
         run_metrics = json.loads(json.dumps(metrics))
@@ -579,10 +580,22 @@ def test_runs_table_and_its_verdict(trained, tmp_path):
         run_metrics["validation"]["targets"] = {k: met for k in q2.PARTITION_TARGETS}
         common.write_json(os.path.join(out, "runs", name, "metrics.json"), run_metrics)
     report = q2.render_report(metrics, out)
-    assert "| a_wide | --width 32 |" in report and "| b_small | none |" in report
-    assert "`a_wide` has the lowest reconstruction MSE (0.0020)" in report
+    machine = metrics["machine"].split(",")[0]
+    minutes = f"{metrics['training']['train_seconds'] / 60:.1f}"
+    assert f"| a_wide | --width 32 | {machine} | {minutes} |" in report
+    assert f"| b_small | none | {machine} | {minutes} |" in report
+    elsewhere = json.loads(json.dumps(run_metrics))
+    elsewhere["machine"] = "GPU: a test card, PyTorch 0"
+    common.write_json(os.path.join(out, "runs", "c_gpu", "metrics.json"), elsewhere)
+    assert "| c_gpu | none | GPU: a test card | - |" in q2.render_report(metrics, out)
+    shutil.rmtree(os.path.join(out, "runs", "c_gpu"))
+    swaps = q2.pct(metrics["validation"]["recognised"]["swaps"]["identity"])
+    assert f"`a_wide` has its swaps' identity recognised most often ({swaps})" in report
+    passing = json.loads(json.dumps(metrics))
+    passing["validation"]["targets"] = {k: True for k in q2.PARTITION_TARGETS}
+    assert "this run included), this run has its swaps'" in q2.render_report(passing, out)
     common.write_json(os.path.join(out, "runs", "a_wide", "metrics.json"), run_metrics)
-    assert "None of the stored runs meets all four" in q2.render_report(metrics, out)
+    assert "None of the runs on this run's machine meets all four" in q2.render_report(metrics, out)
 
 
 # --- weights and arguments -----------------------------------------------------------
@@ -640,3 +653,5 @@ def test_choices_follow_the_flags(trained, tmp_path):
     assert "are 0 for the first 0.5 epochs and reach their full value linearly at epoch 1" in ours
     paper = q2.parse_args(q2.build_parser(), ["--paper-scale"])
     assert (paper.z_dim, paper.s_dim, paper.kl_coef, paper.epochs) == (512, 64, 3.0, 100.0)
+    shorter = q2.parse_args(q2.build_parser(), ["--epochs", "3", "--paper-scale"])
+    assert (shorter.z_dim, shorter.width, shorter.epochs) == (512, 64, 3.0)
