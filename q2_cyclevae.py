@@ -1345,8 +1345,8 @@ def runs_section(m, runs):
              f"(`runs/<name>/metrics.json`); the table gives its numbers on the "
              f"{m['data']['characters']['val']} validation characters only, the only numbers "
              f"that chose settings. Columns as above; the first row is this run. Training "
-             f"minutes are given "
-             f"for runs on this run's machine only: times on other machines do not compare.",
+             f"minutes are given for runs on this run's machine only: times on other machines "
+             f"do not compare.",
              "", "| run | flags that differ from this run | machine | training min | "
              "reconstruction MSE | reconstructions identity / pose | swaps identity / pose | "
              "identity from s / twin ceiling | identity from z | pose from z | pose from s |",
