@@ -1389,7 +1389,9 @@ def choices_section(m):
         + ("" if (a["reconstruction_coef"], a["reverse_cycle_coef"], a["kl_coef"]) == (2, 10, 3)
            else " (the authors' weights are 2 / 10 / 3)") + "; the reverse cycle "
         f"uses s without gradient and "
-        + ("its own Adam over the encoder's parameters." if a["reverse_update"] == "separate"
+        + ("its own Adam over the encoder's parameters (so its weight only turns it on or "
+           "off: Adam takes the same step, up to its epsilon, for any positive factor on a loss)."
+           if a["reverse_update"] == "separate"
            else "is summed with the forward cycle into one Adam step."),
         ("- Warm-up: the KL weight and the reverse cycle's step are 0 for the first "
          f"{warm / 2:g} epochs and reach their full value linearly at epoch {warm:g}."
@@ -1446,7 +1448,8 @@ def build_parser():
     add("--lr", type=positive_float, default=5e-4, help="Adam learning rate")
     add("--lr-drop-epoch", type=nonnegative_float, default=4.8, help="lr /10 from here (0 = never)")
     add("--reconstruction-coef", type=nonnegative_float, default=2.0)
-    add("--reverse-cycle-coef", type=nonnegative_float, default=10.0)
+    add("--reverse-cycle-coef", type=nonnegative_float, default=10.0,
+        help="with --reverse-update separate only 0 (off) differs from the default")
     add("--kl-coef", type=nonnegative_float, default=1.0, help="authors' code: 3")
     add("--warmup-epochs", type=nonnegative_float, default=1.0,
         help="KL and reverse cycle off for the first half of this, then ramped up (0 = off)")
@@ -1490,6 +1493,11 @@ def parse_args(parser, argv=None):
         parser.error("--interpolation-steps must be at least 2")
     if args.predictor_characters < 0:
         parser.error("--predictor-characters must be 0 or more")
+    if args.reverse_update == "separate" and args.reverse_cycle_coef not in (0, 10):
+        parser.error("--reverse-cycle-coef changes nothing with --reverse-update separate: the "
+                     "reverse cycle's own Adam takes the same step, up to its epsilon, for any "
+                     "positive factor on its loss; give 0 to turn it off, or --reverse-update "
+                     "joint to weigh it against the forward cycle")
     return args
 
 

@@ -327,6 +327,28 @@ def test_reverse_cycle_updates_encoder_only_with_detached_s(update):
     assert model.encoder.z_mu.weight.grad is not None
 
 
+def test_reverse_weight_matters_only_in_a_joint_step():
+    def encoder_after_steps(update, coef):
+        torch.manual_seed(0)
+        model = q2.CycleVAE(4, 3, 4)
+        args = step_args("--reverse-update", update)
+        args.reverse_cycle_coef = coef  # parse_args refuses 30 with separate updates
+        batch = [torch.rand(6, 3, 60, 60) for _ in range(4)]
+        optimizers = q2.make_optimizers(model, 1e-3)
+        for step in range(3):
+            torch.manual_seed(step)  # the same z noise for both weights
+            q2.training_step(model, optimizers, batch, args)
+        return model.encoder.z_mu.weight.detach()
+
+    separate = encoder_after_steps("separate", 10), encoder_after_steps("separate", 30)
+    joint = encoder_after_steps("joint", 10), encoder_after_steps("joint", 30)
+    assert torch.allclose(*separate, rtol=0, atol=1e-6)
+    assert not torch.allclose(*joint, rtol=0, atol=1e-4)
+    assert q2.parse_args(q2.build_parser(), ["--reverse-cycle-coef", "0"]).reverse_cycle_coef == 0
+    assert q2.parse_args(q2.build_parser(), ["--reverse-cycle-coef", "30", "--reverse-update",
+                                             "joint"]).reverse_cycle_coef == 30
+
+
 def test_warmup_zero_is_forward_cycle_only():
     torch.manual_seed(0)
     model = q2.CycleVAE(4, 3, 4)
@@ -632,7 +654,8 @@ def test_wrong_weights(tmp_path):
                                   ["--reverse-cycle-coef", "nan"], ["--lr", "0"],
                                   ["--seed", "-1"], ["--seed", str(2 ** 32)],
                                   ["--precision", "fp16"], ["--batch-size", "x"],
-                                  ["--predictor-characters", "-1"]])
+                                  ["--predictor-characters", "-1"],
+                                  ["--reverse-cycle-coef", "30"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as exit_info:
         q2.parse_args(q2.build_parser(), argv)
