@@ -1493,7 +1493,8 @@ def parse_args(parser, argv=None):
         parser.error("--interpolation-steps must be at least 2")
     if args.predictor_characters < 0:
         parser.error("--predictor-characters must be 0 or more")
-    if args.reverse_update == "separate" and args.reverse_cycle_coef not in (0, 10):
+    if (args.reverse_update == "separate"
+            and args.reverse_cycle_coef not in (0, parser.get_default("reverse_cycle_coef"))):
         parser.error("--reverse-cycle-coef changes nothing with --reverse-update separate: the "
                      "reverse cycle's own Adam takes the same step, up to its epsilon, for any "
                      "positive factor on its loss; give 0 to turn it off, or --reverse-update "
