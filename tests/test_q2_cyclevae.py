@@ -616,6 +616,19 @@ def test_runs_table_and_its_verdict(trained, tmp_path):
     passing = json.loads(json.dumps(metrics))
     passing["validation"]["targets"] = {k: True for k in q2.PARTITION_TARGETS}
     assert "this run included), this run has its swaps'" in q2.render_report(passing, out)
+    # a better run that trained past the budget is named, but not chosen
+    long_run = json.loads(json.dumps(passing))
+    long_run["training"]["train_seconds"] = 60 * (q2.TRAINING_BUDGET_MIN + 5)
+    long_run["validation"]["recognised"]["swaps"]["identity"] = 0.999
+    common.write_json(os.path.join(out, "runs", "d_long", "metrics.json"), long_run)
+    report = q2.render_report(passing, out)
+    assert "this run included), this run has its swaps'" in report
+    assert (f"Trained for longer, `d_long` reaches 99.9 % ({q2.TRAINING_BUDGET_MIN + 5:.1f} "
+            "minutes of training)." in report)
+    long_run["validation"]["recognised"]["swaps"]["identity"] = 0.001
+    common.write_json(os.path.join(out, "runs", "d_long", "metrics.json"), long_run)
+    assert "Trained for longer" not in q2.render_report(passing, out)
+    shutil.rmtree(os.path.join(out, "runs", "d_long"))
     common.write_json(os.path.join(out, "runs", "a_wide", "metrics.json"), run_metrics)
     assert "None of the runs on this run's machine meets all four" in q2.render_report(metrics, out)
 
