@@ -223,9 +223,7 @@ def svm_on_latents(train_features, train_labels, test_features, test_labels, set
 
 
 def silhouette(features, labels):
-    """Silhouette score of the digit labels on the standardised latent means (-1..1; above 0:
-    an image lies on average nearer the images of its own digit than those of the nearest
-    other digit)."""
+    """Silhouette score of the digit labels on the standardised latent means (-1..1)."""
     from sklearn.metrics import silhouette_score
     from sklearn.preprocessing import StandardScaler
 
@@ -529,11 +527,11 @@ def active_units_sentence(m):
 
 
 def silhouette_sentence(score):
-    where = ("nearer the images of its own digit than those of the nearest other digit"
-             if score > 0 else
-             "no nearer the images of its own digit than those of the nearest other digit")
     return (f"Silhouette score of the digit labels on the standardised latent means of the "
-            f"whole test set: {score:.3f} (from -1 to 1): a test image lies on average {where}.")
+            f"whole test set: {score:.3f}. For each image it is (b - a) / max(a, b), with a its "
+            f"mean distance to the images of its own digit and b to those of the nearest other "
+            f"digit, averaged over the images; it runs from -1 to 1, and near 0 the digits' "
+            f"clusters overlap.")
 
 
 def choices_sentence(s, defaults):
@@ -543,9 +541,8 @@ def choices_sentence(s, defaults):
     if changed:
         return ("This run changed settings that the defaults fix: " + ", ".join(changed) + ".")
     return ("The KL warm-up and the SVM's settings (RBF kernel, C, gamma 'scale', "
-            "standardised means) are the script's defaults, which were chosen on a validation "
-            "split of the training set (an SVM fitted on part of the training images, scored "
-            "on the held-out rest). The test set chose nothing: its numbers are computed "
+            "standardised means) are the script's fixed defaults; no validation run of this "
+            "kit chose them. In this run the test set chose nothing: its numbers are computed "
             "once, after training.")
 
 

@@ -115,65 +115,55 @@ def test_check_finite_stops_on_nan():
         common.check_finite(torch.tensor(float("nan")), "training loss")
 
 
-def test_mnist_with_every_mirror_down_names_the_files_and_sources(tmp_path, http_server,
-                                                                  monkeypatch, capsys):
-    mirrors = (http_server.url("", "404"), "http://127.0.0.1:9/mnist/")
-    monkeypatch.setattr(common, "MNIST_MIRRORS", mirrors)
-    with pytest.raises(common.UserError) as error:
-        common.load_mnist(str(tmp_path), download=True)
-    message = str(error.value)
-    assert all(name in message for name in common.MNIST_FILES)
-    assert mirrors[0] in message and mirrors[1] in message
-    assert os.path.join(str(tmp_path), "MNIST", "raw") in message
-    assert "HTTP 404" in capsys.readouterr().err
-    raw = tmp_path / "MNIST" / "raw"
-    assert not raw.exists() or os.listdir(raw) == []  # nothing half-written
-
-
-def test_mnist_downloads_from_the_second_mirror_and_checks_md5(tmp_path, http_server,
-                                                               monkeypatch, fake_mnist_dir):
+def _serve_mnist(http_server, fake_mnist_dir, monkeypatch, mirrors):
     import gzip
+    import hashlib
+    from torchvision.datasets import MNIST
 
-    source = os.path.join(fake_mnist_dir, "MNIST", "raw")
-    md5 = {}
-    for name in common.MNIST_FILES:
-        data = gzip.compress(open(os.path.join(source, name), "rb").read(), mtime=0)
-        (tmp_path / "served" / (name + ".gz")).write_bytes(data)
-        import hashlib
-        md5[name] = hashlib.md5(data).hexdigest()
-    monkeypatch.setattr(common, "MNIST_GZ_MD5", md5)
-    monkeypatch.setattr(common, "MNIST_MIRRORS", (http_server.url("", "404"),
-                                                  http_server.url("")))
-    data_dir = tmp_path / "data"
-    (train_x, train_y), _ = common.load_mnist(str(data_dir))
-    assert train_x.shape == (300, 28, 28)
+    resources = []
+    for name, _ in MNIST.resources:
+        data = gzip.compress(open(os.path.join(fake_mnist_dir, "MNIST", "raw", name[:-3]),
+                                  "rb").read(), mtime=0)
+        (http_server.root_path / name).write_bytes(data)
+        resources.append((name, hashlib.md5(data).hexdigest()))
+    monkeypatch.setattr(MNIST, "resources", resources)
+    monkeypatch.setattr(MNIST, "mirrors", mirrors)
+
+
+def test_mnist_downloads_through_torchvision_from_the_second_mirror(tmp_path, http_server,
+                                                                   monkeypatch, fake_mnist_dir):
+    http_server.root_path = tmp_path / "served"
+    _serve_mnist(http_server, fake_mnist_dir, monkeypatch,
+                 [http_server.url("", "404"), http_server.url("")])
+    (train_x, train_y), (test_x, _) = common.load_mnist(str(tmp_path / "data"))
+    assert train_x.shape == (300, 28, 28) and test_x.shape == (100, 28, 28)
     assert any(r.startswith("/ok/") for r in http_server.requests)
-    # a mirror serving other bytes fails its checksum and nothing is left behind
-    monkeypatch.setattr(common, "MNIST_GZ_MD5", {k: "0" * 32 for k in md5})
-    with pytest.raises(common.UserError, match="could not be downloaded"):
+    monkeypatch.setattr("torchvision.datasets.MNIST.mirrors", [http_server.url("", "404")])
+    with pytest.raises(common.UserError, match="MNIST is missing or incomplete in .*404"):
         common.load_mnist(str(tmp_path / "data2"))
-    assert os.listdir(tmp_path / "data2" / "MNIST" / "raw") == []
+    with pytest.raises(common.UserError, match=r"downloads are off"):
+        common.load_mnist(str(tmp_path / "data3"), download=False)
 
 
-def test_mnist_gz_files_alone_work_offline(tmp_path, fake_mnist_dir):
-    import gzip
-
-    raw = tmp_path / "MNIST" / "raw"
+def test_mnist_gz_files_alone_are_unpacked_without_a_network(tmp_path, http_server,
+                                                             monkeypatch, fake_mnist_dir):
+    http_server.root_path = tmp_path / "served"
+    _serve_mnist(http_server, fake_mnist_dir, monkeypatch, ["http://127.0.0.1:9/"])
+    raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in common.MNIST_FILES:
-        data = open(os.path.join(fake_mnist_dir, "MNIST", "raw", name), "rb").read()
-        (raw / (name + ".gz")).write_bytes(gzip.compress(data))
-    (train_x, _), (test_x, test_y) = common.load_mnist(str(tmp_path), download=False)
+    for path in http_server.root_path.iterdir():
+        (raw / path.name).write_bytes(path.read_bytes())
+    (train_x, _), (_, test_y) = common.load_mnist(str(tmp_path / "data"))
     assert train_x.shape == (300, 28, 28) and len(test_y) == 100
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("labels_out_of_range", "outside 0-9"),
-    ("fewer_labels", "holds 300 images but"),
-    ("garbage", "t10k-images-idx3-ubyte is not an IDX file"),
-    ("wrong_shape", "not uint8 images of 28x28"),
+    ("labels_out_of_range", "the label 11, outside 0-9"),
+    ("fewer_labels", "holds 300 images but .* holds 299 labels"),
+    ("garbage", "is not readable"),
+    ("wrong_shape", "not 28x28 uint8 images"),
 ])
-def test_corrupt_mnist_is_refused_with_the_file_named(tmp_path, damage, message):
+def test_corrupt_mnist_is_refused_with_the_folder_named(tmp_path, damage, message):
     from conftest import write_fake_mnist, write_idx
 
     write_fake_mnist(str(tmp_path))
@@ -186,8 +176,15 @@ def test_corrupt_mnist_is_refused_with_the_file_named(tmp_path, damage, message)
         (raw / "t10k-images-idx3-ubyte").write_bytes(b"not an idx file at all")
     else:
         write_idx(raw / "train-images-idx3-ubyte", np.zeros((300, 28, 27)))
-    with pytest.raises(common.UserError, match=message):
+    with pytest.raises(common.UserError, match=message) as error:
         common.load_mnist(str(tmp_path), download=False)
+    assert str(raw) in str(error.value)
+
+
+def test_a_data_folder_that_is_a_file_is_one_sentence(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(common.UserError, match="is a file, not a folder"):
+        common.load_mnist(str(tmp_path / "f"), download=True)
 
 
 def test_load_mnist_reads_idx_files(fake_mnist_dir):
@@ -246,58 +243,91 @@ def _parser():
     return parser
 
 
-def test_resume_takes_settings_from_the_state_and_refuses_other_ones(tmp_path):
+def test_parse_once_records_the_given_flags_and_refuses_two_modes(capsys):
+    parser = _parser()
+    args = common.parse(parser, ["--epochs", "2", "--lr=0.5"])
+    assert args.given == {"epochs", "lr"}
+    assert common.settings_of(args) == {"seed": 0, "lr": 0.5, "epochs": 2}
+    with pytest.raises(SystemExit):
+        common.parse(parser, ["--resume", "--eval-only"])
+    assert "--resume and --eval-only exclude each other" in capsys.readouterr().err
+
+
+def test_resume_takes_settings_and_data_from_the_state_and_refuses_other_ones(tmp_path):
     parser = _parser()
     path = str(tmp_path / "state.pt")
-    args = parser.parse_args(["--epochs", "2", "--lr", "0.5"])
-    assert common.given_flags(parser, ["--epochs", "2", "--lr=0.5"]) == {"epochs", "lr"}
-    assert common.training_settings(args) == {"seed": 0, "lr": 0.5, "epochs": 2}
+    data = common.fingerprint(np.arange(100, dtype=np.uint8))
+    args = common.parse(parser, ["--epochs", "2", "--lr", "0.5"])
     torch.manual_seed(3)
-    common.save_training_state(path, common.training_settings(args), step=7)
+    common.save_training_state(path, common.settings_of(args), data, step=7)
     expected = torch.rand(3)
 
-    argv = ["--resume"]
-    resumed = parser.parse_args(argv)
+    resumed = common.parse(parser, ["--resume"])
     torch.manual_seed(99)
-    state = common.load_training_state(path, resumed, parser, argv)
+    state = common.load_training_state(path, resumed, data)
     assert state["step"] == 7 and resumed.epochs == 2 and resumed.lr == 0.5
     assert torch.equal(torch.rand(3), expected)  # the RNG continues where it was saved
 
-    argv = ["--resume", "--epochs", "2", "--lr", "0.02"]
+    other = common.parse(parser, ["--resume", "--epochs", "2", "--lr", "0.02"])
     with pytest.raises(common.UserError, match=r"--lr 0.02 \(the run has 0.5\)") as error:
-        common.load_training_state(path, parser.parse_args(argv), parser, argv)
+        common.load_training_state(path, other, data)
     assert "--epochs" not in str(error.value)  # the same value given again is fine
-
+    fewer = common.fingerprint(np.arange(50, dtype=np.uint8))
+    assert fewer != data and fewer != common.fingerprint(np.arange(1, 101, dtype=np.uint8))
+    with pytest.raises(common.UserError, match=f"other data .*{data}.*now {fewer}"):
+        common.load_training_state(path, common.parse(parser, ["--resume"]), fewer)
+    common.save_training_state(path, common.settings_of(args), data, finished=True)
+    with pytest.raises(common.UserError, match="is finished; nothing was changed"):
+        common.load_training_state(path, common.parse(parser, ["--resume"]), data)
     with pytest.raises(common.UserError, match="no interrupted run to continue"):
-        common.load_training_state(str(tmp_path / "none.pt"), resumed, parser, ["--resume"])
+        common.load_training_state(str(tmp_path / "none.pt"), resumed, data)
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="truncated"):
-        common.load_training_state(str(tmp_path / "bad.pt"), resumed, parser, ["--resume"])
+        common.load_training_state(str(tmp_path / "bad.pt"), resumed, data)
 
 
-def test_compare_with_committed_says_reproduced_or_the_difference(tmp_path, capsys):
-    rows = common.compare_with_committed({"svm": {"accuracy": 0.98}, "elbo": 97.4, "new": 1},
-                                         {"svm": {"accuracy": 0.98}, "elbo": 97.5, "old": 2},
-                                         str(tmp_path))
-    assert [(r["name"], r["reproduced"]) for r in rows] == [("elbo", False),
-                                                           ("svm.accuracy", True)]
+def _metrics(results, checks=()):
+    return {"script": "q.py", "command": "python q.py", "settings": {}, "results": results,
+            "checks": [common.check(n, v, ">= 1", v >= 1) for n, v in checks]}
+
+
+def test_compare_with_committed_says_reproduced_differs_or_within_tolerance(tmp_path, capsys):
+    new = _metrics({"svm": {"accuracy": 0.9801}, "elbo": 97.4, "new": 1}, [("c", 2)])
+    old = _metrics({"svm": {"accuracy": 0.98}, "elbo": 97.5, "old": 2}, [("c", 2)])
+    rows = common.compare_with_committed(new, old, str(tmp_path),
+                                         {"results.svm": (0.001, "an SVM refit")})
+    assert [(r["name"], r["reproduced"]) for r in rows] == [
+        ("checks.c.holds", True), ("checks.c.value", True), ("results.elbo", False),
+        ("results.svm.accuracy", True)]
     out = capsys.readouterr().out
-    assert "differs by -0.1" in out and "reproduced" in out and "1 of 2 numbers" in out
-    assert common.read_json(str(tmp_path / "comparison.json"), "x")["compared"] == 2
+    assert "differs by -0.1" in out and "3 of 4 numbers" in out
+    assert common.read_json(str(tmp_path / "comparison.json"), "x")["compared"] == 4
+    with pytest.raises(common.UserError, match="nothing was verified"):
+        common.compare_with_committed(_metrics({"a": 1}), _metrics({"b": 1}), str(tmp_path))
 
 
-def test_report_only_renders_from_metrics_and_runs(tmp_path):
-    common.write_json(str(tmp_path / "metrics.json"), {"accuracy": 0.5})
-    common.write_json(str(tmp_path / "runs" / "seed1" / "metrics.json"), {"accuracy": 0.7})
+def test_report_only_fills_the_template_and_refuses_foreign_metrics(tmp_path):
+    common.write_json(str(tmp_path / "metrics.json"), _metrics({"acc": 0.5}, [("c", 2)]))
+    common.write_json(str(tmp_path / "runs" / "seed1" / "metrics.json"), _metrics({"acc": 0.7}))
 
     def render(metrics, out):
-        runs = ", ".join(f"{name} {m['accuracy']}" for name, m in common.other_runs(out))
-        return f"accuracy {metrics['accuracy']}; other runs: {runs}\n"
+        return common.fill("acc {results[acc]:.2f}\n{checks}\n{runs}\n", metrics,
+                           checks=common.checks_table(metrics["checks"]),
+                           runs=common.runs_table(out, "q.py", [("acc", "results.acc", "{:.1f}"),
+                                                                ("x", "results.x", "{}")]))
 
-    common.report_only(str(tmp_path), render)
-    assert (tmp_path / "report.md").read_text() == "accuracy 0.5; other runs: seed1 0.7\n"
+    text = common.report_only(str(tmp_path), "q.py", render)
+    assert (tmp_path / "report.md").read_text() == text
+    assert text.startswith("acc 0.50\n| check | value | threshold | holds |")
+    assert "| c | 2 | >= 1 | **yes** |" in text
+    assert "| seed1 | `python q.py` | 0.7 | - |" in text
+    with pytest.raises(common.UserError, match="written by q.py, not other.py"):
+        common.report_only(str(tmp_path), "other.py", render)
+    common.write_json(str(tmp_path / "runs" / "x" / "metrics.json"), {"script": "q.py"})
+    with pytest.raises(common.UserError, match="runs/x/metrics.json lacks settings"):
+        common.report_only(str(tmp_path), "q.py", render)
     with pytest.raises(common.UserError, match="metrics file .* does not exist"):
-        common.report_only(str(tmp_path / "empty"), render)
+        common.report_only(str(tmp_path / "empty"), "q.py", render)
 
 
 def _cli_program(tmp_path, body):
@@ -407,9 +437,37 @@ def test_download_first_rejects_a_wrong_checksum_and_every_source_down(tmp_path,
     assert os.listdir(dest) == []  # nothing half-written
 
 
-def test_shown_command_hides_only_absolute_data_folders():
-    assert (common.shown_command("python q2_cyclevae.py --data-dir /srv/data/sprites --width 32")
-            == "python q2_cyclevae.py --data-dir DATA_DIR --width 32")
-    assert (common.shown_command("python q3_mnistm_dann.py --data-dir ./data --cache-dir /c")
-            == "python q3_mnistm_dann.py --data-dir ./data --cache-dir DATA_DIR")
-    assert common.shown_command("python q1_vae.py") == "python q1_vae.py"
+def test_commands_hold_no_path_outside_the_working_folder(monkeypatch):
+    here = os.getcwd()
+    assert (common.shown_command("python q2.py --data-dir /srv/data/sprites --width 32")
+            == "python q2.py --data-dir DATA_DIR --width 32")
+    assert (common.shown_command(f"python q3.py --data-dir ../d --cache-dir {here}/data/c "
+                                 "--out outputs/x") ==
+            "python q3.py --data-dir DATA_DIR --cache-dir data/c --out outputs/x")
+    monkeypatch.setattr("sys.argv", [f"{here}/q1_vae.py", "--out", "/tmp/o"])
+    assert common.command_line() == "python q1_vae.py --out OUT"
+
+
+def test_a_full_disk_is_one_sentence_naming_the_folder(tmp_path):
+    import subprocess
+    import sys
+
+    program = _cli_program(tmp_path, "    raise OSError(28, 'No space left on device', "
+                                     "'/somewhere/out/x.png')")
+    done = subprocess.run([sys.executable, program], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == ("error: the disk is full (writing in /somewhere/out); nothing "
+                           "was saved\n")
+
+
+def test_a_failing_figure_keeps_the_previous_file(tmp_path, monkeypatch):
+    from common import plt
+
+    path = tmp_path / "f.png"
+    common.save_figure(plt.figure(), str(path))
+    before = path.read_bytes()
+    fig = plt.figure()
+    monkeypatch.setattr(fig, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):
+        common.save_figure(fig, str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["f.png"]
