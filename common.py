@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,7 +188,6 @@ def _number_type(cast, test, what):
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 positive_float = _number_type(float, lambda v: v > 0, "a positive number")
 nonnegative_float = _number_type(float, lambda v: v >= 0, "a non-negative number")
-finite_float = _number_type(float, lambda v: True, "a finite number")
 seed_type = _number_type(int, lambda v: 0 <= v < 2**32, "seed (an integer from 0 to 2**32-1)")
 
 def add_common_args(parser, out_default, seed_default=0, data_dir=True, resume=True):
@@ -236,16 +236,11 @@ def parse(parser, argv=None):
     _run["started"] = time.perf_counter()
     return args
 
-def given_flags(parser, argv=None):
-    return _given(parser, sys.argv[1:] if argv is None else list(argv))
-
 
 def settings_of(args, exclude=()):
     """The flags that decide what a run computes."""
     skip = set(NOT_SETTINGS) | set(exclude)
     return {key: value for key, value in vars(args).items() if key not in skip}
-
-training_settings = settings_of
 
 
 def prepare_out(path, flag="--out"):
@@ -284,8 +279,7 @@ def check_finite(loss, what="loss"):
     """Stop training with a true message when a loss is NaN or infinite."""
     value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     if not np.isfinite(value):
-        raise UserError(f"the {what} became {value}; training stopped; {_run['note']} "
-                        f"(a smaller --lr may help)")
+        raise UserError(f"the {what} became {value}; training stopped; {_run['note']}")
     return value
 
 # Files: every one written atomically
@@ -389,14 +383,10 @@ def save_training_state(path, settings, data=None, finished=False, **state):
 def _flag(key):
     return "--" + key.replace("_", "-")
 
-def load_training_state(path, args, data, argv=None):
+def load_training_state(path, args, data):
     """The state for --resume: the settings not given are taken from it; a given one that
-    differs, other data or a finished run is one sentence. Restores the RNG states.
-    `data` is the data's fingerprint, or the parser (with argv) of a script whose states hold
-    none."""
-    given = getattr(args, "given", set())
-    if isinstance(data, argparse.ArgumentParser):
-        given, data = given_flags(data, argv), None
+    differs, other data (`data`: its fingerprint) or a finished run is one sentence. Restores
+    the RNG states."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: there is no interrupted run to continue ({path} does not "
                         f"exist); run without --resume to start one")
@@ -408,12 +398,12 @@ def load_training_state(path, args, data, argv=None):
     stored = state["settings"]
     differ = [f"{_flag(key)} {getattr(args, key)} (the run has {value})"
               for key, value in stored.items()
-              if key in given and getattr(args, key, value) != value]
+              if key in args.given and getattr(args, key, value) != value]
     if differ:
         raise UserError(f"--resume: the run in {path} was started with other settings: "
                         f"{'; '.join(differ)}; drop these flags to continue it, or start a new "
                         f"run in another --out")
-    if data is not None and state.get("data") != data:
+    if state.get("data") != data:
         raise UserError(f"--resume: the run in {path} trained on other data ({state['data']}, "
                         f"now {data}); give the data it started with")
     for key, value in stored.items():
@@ -474,7 +464,7 @@ def machine_info(device=None):
     return info
 
 def check(name, value, threshold, holds):
-    """A judgement where its number is measured: e.g. check("negative ELBO", 96.2, "<= 100", ...)."""
+    """A judgement where its number is measured, e.g. ("negative ELBO", 96.2, "<= 100", True)."""
     return {"name": name, "value": value, "threshold": threshold, "holds": bool(holds)}
 
 def record(script, args, device, data, timings, checks, results, **extra):
@@ -509,30 +499,30 @@ def _numbers(tree, prefix=""):
     return {}
 
 def comparable(metrics):
-    """The numbers --eval-only recomputes: the results and each check's value and verdict
-    (every number, for a metrics dict without checks)."""
-    if "checks" not in metrics or "results" not in metrics:
-        return _numbers(metrics)
+    """The numbers --eval-only recomputes: the results and each check's value and verdict."""
     checks = {c["name"]: {"value": c["value"], "holds": c["holds"]} for c in metrics["checks"]}
     return _numbers({"results": metrics["results"], "checks": checks})
 
 def compare_with_committed(recomputed, committed, eval_dir, tolerances=None):
-    """Each number found in both runs beside its committed value; eval_dir/comparison.json.
-    tolerances: {key prefix: (absolute tolerance, reason)} where a refit may differ."""
+    """Each committed number beside its recomputed value (a number not recomputed counts as not
+    reproduced); eval_dir/comparison.json. tolerances: {key prefix: (absolute tolerance,
+    reason)} for numbers that refit something and may differ on another machine."""
     new, old = comparable(recomputed), comparable(committed)
-    names = sorted(set(new) & set(old))
-    if not names:
+    if not set(new) & set(old):
         raise UserError("--eval-only: the saved metrics.json holds none of the numbers this "
                         "evaluation computes; nothing was verified")
     rows = []
-    for name in names:
+    for name in sorted(old):
         tol, reason = next(((t, r) for p, (t, r) in (tolerances or {}).items()
                             if name.startswith(p)), (1e-9 + 1e-6 * abs(old[name]), "exact"))
-        same = abs(new[name] - old[name]) <= tol
-        rows.append({"name": name, "recomputed": new[name], "committed": old[name],
+        value = new.get(name)
+        same = value is not None and abs(value - old[name]) <= tol
+        rows.append({"name": name, "recomputed": value, "committed": old[name],
                      "tolerance": tol, "why": reason, "reproduced": bool(same)})
-        verdict = "reproduced" if same else f"differs by {new[name] - old[name]:+.6g}"
-        print(f"  {name:<52} {new[name]:<12.6g} (committed {old[name]:<12.6g}) {verdict}")
+        verdict = ("not recomputed" if value is None else "reproduced" if same else
+                   f"differs by {value - old[name]:+.6g}")
+        shown = "-" if value is None else f"{value:.6g}"
+        print(f"  {name:<52} {shown:<12} (committed {old[name]:<12.6g}) {verdict}")
     reproduced = sum(row["reproduced"] for row in rows)
     print(f"{reproduced} of {len(rows)} numbers reproduced the committed metrics.json")
     write_json(os.path.join(eval_dir, "comparison.json"),
@@ -579,20 +569,10 @@ def runs_table(out, script, columns):
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-def other_runs(out):
-    """[(name, metrics)] of <out>/runs/<name>/metrics.json, for scripts that read them whole."""
-    paths = sorted(glob.glob(os.path.join(out, "runs", "*", "metrics.json")))
-    return [(os.path.basename(os.path.dirname(p)), read_json(p, "metrics file")) for p in paths]
-
-
-def report_only(out, script, render=None):
-    """--report-only: <out>/report.md = render(metrics, out) from <out>/metrics.json alone
-    (`script` checks whose file it is; report_only(out, render) reads it unchecked)."""
+def report_only(out, script, render):
+    """--report-only: <out>/report.md = render(metrics, out) from <out>/metrics.json alone."""
     path = os.path.join(out, "metrics.json")
-    if callable(script):
-        metrics, render, script = read_json(path, "metrics file"), script, "this script"
-    else:
-        metrics = read_metrics(path, script)
+    metrics = read_metrics(path, script)
     try:
         text = render(metrics, out)
     except (KeyError, IndexError, TypeError, ValueError) as error:
@@ -645,7 +625,8 @@ def download_first(sources, folder, filename, md5=None, check=None, offline_hint
             print(f"fetching {filename} from {url}", flush=True)
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as r:
-                    size = r.headers.get("Content-Length")
+                    page = "html" in r.headers.get("Content-Type", "")  # a page before the file
+                    size = None if page else r.headers.get("Content-Length")
                 download_url(url, folder, filename=os.path.basename(part))
                 _check_download(part, int(size) if size and size.isdigit() else None, md5, check)
                 os.replace(part, final)
@@ -708,3 +689,69 @@ def load_mnist(data_dir, download=True):
     data_folder(data_dir)
     return _mnist_split(data_dir, True, download), _mnist_split(data_dir, False, download)
 
+
+
+# make verify: every committed number recomputed from the committed weights
+QUESTIONS = {"Q1": ("q1_vae.py", "q1"), "Q2": ("q2_cyclevae.py", "q2"),
+             "Q3.1": ("q3_toy_dann.py", "q3_toy"), "Q3.2": ("q3_mnistm_dann.py", "q3_mnistm")}
+
+def _evaluate(script, out, args):
+    """Run `script --eval-only` on the run in `out`: (comparison rows, None) or (None, why)."""
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+               "--eval-only", "--out", out, "--device", args.device]
+    if script != "q3_toy_dann.py":  # the toy draws its own data
+        command += ["--data-dir", args.data_dir]
+    comparison = os.path.join(out, "eval", "comparison.json")
+    if os.path.exists(comparison):
+        os.remove(comparison)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no message").splitlines()
+        return None, (done.returncode, lines[-1])
+    return read_json(comparison, "comparison file")["rows"], None
+
+def verify(argv=None):
+    """Exit 0 when every committed number is reproduced, 1 when one differs, 2 when data or
+    weights are missing."""
+    parser = argparse.ArgumentParser(prog="python common.py", description="Recompute every "
+                                     "number of the committed runs from their weights.")
+    parser.add_argument("--data-dir", default="./data", help="dataset folder")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--outputs", default="outputs", help="folder of the committed runs")
+    parser.add_argument("--questions", nargs="+", choices=list(QUESTIONS), default=list(QUESTIONS))
+    args = parser.parse_args(argv)
+    table, failed = ["| question | number | committed | recomputed | tolerance | reproduced |",
+                     "|---|---|---|---|---|---|"], []
+    reasons = {}
+    for question in args.questions:
+        script, folder = QUESTIONS[question]
+        started = time.perf_counter()
+        rows, error = _evaluate(script, os.path.join(args.outputs, folder), args)
+        seconds = time.perf_counter() - started
+        if error:
+            failed.append(error[0])
+            print(f"{question} ({script}) was not verified: {error[1]}", flush=True)
+            committed = os.path.join(args.outputs, folder, "metrics.json")
+            if os.path.isfile(committed):  # its numbers count as not reproduced
+                table += [f"| {question} | {name} | {value:.6g} | - | - | **no** |" for name, value
+                          in sorted(comparable(read_json(committed, "metrics file")).items())]
+            continue
+        print(f"{question} ({script}): {sum(r['reproduced'] for r in rows)} of {len(rows)} "
+              f"reproduced in {seconds:.0f} s", flush=True)
+        table += [f"| {question} | {r['name']} | {r['committed']:.6g} | "
+                  f"{'-' if r['recomputed'] is None else format(r['recomputed'], '.6g')} | "
+                  f"{'exact' if r['why'] == 'exact' else format(r['tolerance'], 'g')} | "
+                  f"{'yes' if r['reproduced'] else '**no**'} |" for r in rows]
+        reasons.update({(question, r["why"]): r["tolerance"] for r in rows if r["why"] != "exact"})
+    rows = table[2:]
+    reproduced = sum(line.endswith("| yes |") for line in rows)
+    print("\n".join(table))
+    for (question, why), tolerance in reasons.items():
+        print(f"{question}: within {tolerance:g}, not exactly: {why}")
+    print(f"{reproduced} of {len(rows)} committed numbers reproduced"
+          + (f"; {len(failed)} question(s) not verified" if failed else ""))
+    return 2 if 2 in failed else 1 if failed or reproduced < len(rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(verify())

@@ -3,14 +3,10 @@ beta of the beta-VAE (Higgins et al. 2017) as --beta.
 
     python q1_vae.py --data-dir DIR                  # 30 epochs, latent 16: every figure and number
     python q1_vae.py --data-dir DIR --beta 4 --out outputs/q1/beta4    # a beta-VAE
-    python q1_vae.py --data-dir DIR --eval-only      # recompute from outputs/q1/vae.pt into outputs/q1/eval/
+    python q1_vae.py --data-dir DIR --eval-only      # recompute from outputs/q1/vae.pt into eval/
     python q1_vae.py --data-dir DIR --resume         # continue an interrupted run
-    python q1_vae.py --report-only                   # re-render outputs/q1/report.md from metrics.json
+    python q1_vae.py --report-only                   # re-render outputs/q1/report.md
     python q1_vae.py --data-dir DIR --download-only  # fetch MNIST and stop
-
-Writes under --out (default outputs/q1): vae.pt (weights), training_state.pt (for --resume),
-samples.png, reconstruction_progress.png, training_curves.png, latent_traversal.png,
-tsne_latent.png, svm_confusion_matrix.png, metrics.json and report.md.
 """
 import argparse
 import os
@@ -23,66 +19,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import plt
+from common import UserError, plt, stage
 
-CHECKPOINT_KIND = "q1_vae"
-N_PROGRESS_DIGITS = 10       # the first test digits, shown in the reconstruction-progress figure
-TRAVERSAL_DIGIT = 0          # the test digit whose posterior mean the traversal starts from
+SCRIPT, KIND, DIGITS = "q1_vae.py", "q1_vae", [str(d) for d in range(10)]
+LR, BATCH_SIZE = 1e-3, 128  # Adam; the learning rate is /10 for the last sixth of the epochs
+N_DIGITS, TRAVERSAL_DIGIT = 10, 0  # test digits of the progress figure; the traversal's digit
 TRAVERSAL_VALUES = np.linspace(-3, 3, 13)
-ACTIVE_KL = 0.01             # nats: a latent unit whose mean KL on the test set exceeds it is active
-ELBO_TARGET, SVM_TARGET = 100.0, 0.98
-
+ACTIVE_KL = 0.01  # nats: a unit whose mean KL on the test set exceeds it is active
+SVM_C = 10.0  # of the RBF SVM on the standardised latent means
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--latent", type=common.positive_int, default=16,
-                        help="size of the latent code z")
-    parser.add_argument("--hidden", type=common.positive_int, default=1024,
-                        help="width of the decoder's last hidden layer (the others are half)")
-    parser.add_argument("--epochs", type=common.positive_int, default=30)
-    parser.add_argument("--beta", type=common.nonnegative_float, default=1.0,
-                        help="weight of the KL term (1 = plain VAE, >1 = beta-VAE)")
-    parser.add_argument("--kl-warmup", type=common.nonnegative_float, default=10.0,
-                        help="epochs over which the KL weight rises linearly from 0 to --beta "
-                             "(0 = off)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=128)
-    parser.add_argument("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--svm-train-size", type=common.positive_int, default=60000,
-                        help="training images the SVM is fitted on (a fixed random subset if "
-                             "fewer than the training set)")
-    parser.add_argument("--svm-c", type=common.positive_float, default=10.0,
-                        help="C of the RBF-kernel SVM")
-    parser.add_argument("--tsne-points", type=common.positive_int, default=common.TSNE_POINTS,
-                        help="test images in the t-SNE (a fixed random subset)")
-    parser.add_argument("--weights", default=None,
-                        help="weights for --eval-only (default <out>/vae.pt)")
-    parser.add_argument("--no-download", action="store_true", help="never try to download MNIST")
-    parser.add_argument("--download-only", action="store_true",
-                        help="fetch MNIST into --data-dir and stop")
+    count, real = common.positive_int, common.nonnegative_float
+    for flag, kind, default in (
+            ("latent", count, 16), ("epochs", count, 30), ("hidden", count, 1024),
+            ("beta", real, 1.0), ("kl-warmup", real, 10.0), ("svm-train-size", count, 60000),
+            ("tsne-points", count, common.TSNE_POINTS)):
+        parser.add_argument("--" + flag, type=kind, default=default)
+    parser.add_argument("--no-download", action="store_true")
+    parser.add_argument("--download-only", action="store_true")
     common.add_common_args(parser, "outputs/q1")
     return parser
 
-
-def parse_args(parser, argv=None):
-    args = parser.parse_args(argv)
-    modes = [flag for flag in ("resume", "eval_only", "report_only", "download_only")
-             if getattr(args, flag)]
-    if len(modes) > 1:
-        parser.error(" and ".join("--" + m.replace("_", "-") for m in modes)
-                     + " exclude each other")
-    return args
-
-
-def settings_of(args):
-    """The settings stored with a run (and checked by --resume)."""
-    return common.training_settings(args, exclude=("no_download", "download_only"))
-
-
-# ---------------------------------------------------------------------------------------
-# The model: a convolutional encoder q(z|x) = N(mu, diag(exp(logvar))) and an MLP decoder
-# p(x|z) with Bernoulli outputs, trained on the negative evidence lower bound (ELBO).
-# ---------------------------------------------------------------------------------------
+# --- Model: a convolutional encoder q(z|x) = N(mu, diag(exp(logvar))), an MLP decoder p(x|z)
 class VAE(nn.Module):
     def __init__(self, latent_dim=16, hidden=1024):
         super().__init__()
@@ -98,8 +58,7 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """x (N,1,28,28) in [0,1] -> posterior mean and log-variance, each (N, latent_dim)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
-        return mu, logvar
+        return self.encoder(x).chunk(2, dim=1)
 
     def decode_logits(self, z):
         return self.decoder(z).view(-1, 1, 28, 28)
@@ -108,24 +67,19 @@ class VAE(nn.Module):
         """z (N, latent_dim) -> Bernoulli means (N,1,28,28) in [0,1]."""
         return torch.sigmoid(self.decode_logits(z))
 
-    def forward(self, x, noise):
+    def forward(self, x, noise):  # z by the reparameterisation trick
         mu, logvar = self.encode(x)
-        z = mu + noise * torch.exp(0.5 * logvar)  # the reparameterisation trick
-        return self.decode_logits(z), mu, logvar
+        return self.decode_logits(mu + noise * torch.exp(0.5 * logvar)), mu, logvar
 
-
-def negative_elbo(logits, x, mu, logvar, beta):
-    """Summed over the batch: the reconstruction term -log p(x|z) (grey levels as Bernoulli
-    targets), KL(q(z|x) || N(0, I)) in closed form, and the loss recon + beta * KL."""
+# --- Loss: -log p(x|z) (grey levels as Bernoulli targets) + beta * KL(q(z|x) || N(0, I))
+def negative_elbo(logits, x, mu, logvar, beta):  # each summed over the batch
     reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
     return reconstruction + beta * kl, reconstruction, kl
 
-
+# --- Training step and loop
 def train_step(model, optimizer, x, beta_weight, generator=None):
-    """One stochastic gradient step on the batch x: draw z by the reparameterisation trick and
-    descend on the per-image negative ELBO with the KL weighted by beta_weight. Returns the
-    batch's summed loss, reconstruction and KL terms (floats)."""
+    """One Adam step on the per-image loss of the batch x; returns its summed terms."""
     noise = torch.randn(len(x), model.latent_dim, generator=generator).to(x.device)
     logits, mu, logvar = model(x, noise)
     loss, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta_weight)
@@ -135,163 +89,142 @@ def train_step(model, optimizer, x, beta_weight, generator=None):
     optimizer.step()
     return loss.item(), reconstruction.item(), kl.item()
 
-
 def kl_weight(settings, epoch, fraction):
-    """beta, ramped up linearly over the first `kl_warmup` epochs (fraction: how far into the
-    epoch): with the full KL from the first step some latent units collapse to the prior
-    before the decoder learns to use them."""
     progress = (epoch - 1 + fraction) / settings.kl_warmup if settings.kl_warmup else 1.0
     return settings.beta * min(1.0, progress)
 
+def train_epoch(model, optimizer, images, args, epoch):
+    for group in optimizer.param_groups:
+        group["lr"] = LR * (0.1 if epoch > args.epochs - args.epochs // 6 else 1.0)
+    generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order, n, sums = torch.randperm(len(images), generator=generator), len(images), np.zeros(3)
+    started = time.perf_counter()
+    for start in range(0, n, BATCH_SIZE):
+        sums += train_step(model.train(), optimizer, images[order[start:start + BATCH_SIZE]],
+                           kl_weight(args, epoch, start / n), generator)
+    seconds, (loss, reconstruction, kl) = time.perf_counter() - started, (sums / n).tolist()
+    print(f"epoch {epoch:3d}  loss {loss:7.2f}  reconstruction {reconstruction:6.2f}  KL "
+          f"{kl:5.2f}  {seconds:.1f}s", flush=True)
+    return {"epoch": epoch, "train": {"loss": loss, "reconstruction": reconstruction, "kl": kl,
+                                      "negative_elbo": reconstruction + kl},
+            "train_seconds": round(seconds, 2), "images_per_second": round(n / seconds)}
 
-def learning_rate(settings, epoch):
-    """Adam's rate, divided by 10 for the last sixth of the epochs."""
-    late = epoch > settings.epochs - settings.epochs // 6
-    return settings.lr * (0.1 if late else 1.0)
+def train(model, data, args, path, resumed=None):
+    """The epochs, the state saved after each; the first test digits decoded on the way."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    state = {"history": [], "progress": [snapshot(model, data.test[:N_DIGITS], "before training")]}
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        state = {key: resumed[key] for key in ("history", "progress", "model", "optimizer")}
+    for epoch in range(len(state["history"]) + 1, args.epochs + 1):
+        state["history"].append(train_epoch(model, optimizer, data.train, args, epoch))
+        if epoch == 1:
+            state["progress"].append(snapshot(model, data.test[:N_DIGITS], "after epoch 1"))
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+        common.save_training_state(path, common.settings_of(args), data.fingerprint, **state)
+        common.note_saved(f"epoch {epoch} of {args.epochs} is saved in {path}; continue with "
+                          f"--resume")
+    state["progress"].append(snapshot(model, data.test[:N_DIGITS], f"after {args.epochs} epochs"))
+    return state
 
-
-def epoch_generator(seed, epoch):
-    """The shuffling and the noise of one epoch: a resumed run repeats them exactly."""
-    return torch.Generator().manual_seed(seed * 100003 + epoch)
-
-
-# ---------------------------------------------------------------------------------------
-# Measurements on a model
-# ---------------------------------------------------------------------------------------
+# --- Evaluation
 @torch.no_grad()
-def evaluate(model, images, beta, batch_size=1000, seed=12345):
-    """Per-image means of the loss (recon + beta KL), the reconstruction term, the KL and the
-    negative ELBO (recon + KL), with one posterior sample per image and fixed noise."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    sums = np.zeros(2)
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
+def evaluate(model, images, beta):  # one posterior sample per image, fixed noise
+    generator, sums = torch.Generator().manual_seed(12345), np.zeros(2)
+    for start in range(0, len(images), 1000):
+        x = images[start:start + 1000]
         noise = torch.randn(len(x), model.latent_dim, generator=generator).to(x.device)
-        logits, mu, logvar = model(x, noise)
-        _, reconstruction, kl = negative_elbo(logits, x, mu, logvar, beta)
-        sums += [reconstruction.item(), kl.item()]
+        logits, mu, logvar = model.eval()(x, noise)
+        sums += [term.item() for term in negative_elbo(logits, x, mu, logvar, beta)[1:]]
     reconstruction, kl = (sums / len(images)).tolist()
-    common.check_finite(reconstruction + kl, "test negative ELBO")
     return {"loss": reconstruction + beta * kl, "reconstruction": reconstruction, "kl": kl,
             "negative_elbo": reconstruction + kl}
 
-
 @torch.no_grad()
-def kl_per_unit(model, images, batch_size=2000):
-    """Mean over the images of each latent unit's KL(q(z_j|x) || N(0, 1)), in nats."""
-    model.eval()
-    total = torch.zeros(model.latent_dim)
-    for start in range(0, len(images), batch_size):
-        mu, logvar = model.encode(images[start:start + batch_size])
+def posterior_means(model, images):
+    """mu(x) of every image, and each unit's mean KL(q(z_j|x) || N(0, 1)) in nats."""
+    total, means = torch.zeros(model.latent_dim), []
+    for start in range(0, len(images), 2000):
+        mu, logvar = model.eval().encode(images[start:start + 2000])
         total += (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).sum(0).cpu()
-    return (total / len(images)).numpy()
-
-
-@torch.no_grad()
-def latent_means(model, images, batch_size=2000):
-    model.eval()
-    return torch.cat([model.encode(images[i:i + batch_size])[0]
-                      for i in range(0, len(images), batch_size)]).cpu().numpy()
-
+        means.append(mu)
+    return torch.cat(means).cpu().numpy(), (total / len(images)).numpy()
 
 @torch.no_grad()
 def snapshot(model, digits, label):
-    """The reconstructions decode(mu(x)) of `digits` and their mean -log p(x|mu(x))."""
-    model.eval()
-    logits = model.decode_logits(model.encode(digits)[0])
+    logits = model.eval().decode_logits(model.encode(digits)[0])
     nats = F.binary_cross_entropy_with_logits(logits, digits, reduction="sum").item()
     return {"label": label, "images": torch.sigmoid(logits).cpu(),
             "reconstruction": nats / len(digits)}
 
+def measure(model, data, args, out, timings):
+    """Every number of a trained model, and its figures in `out`."""
+    from sklearn import metrics, pipeline, preprocessing, svm as sklearn_svm
 
-def svm_on_latents(train_features, train_labels, test_features, test_labels, settings):
-    """Standardise the posterior means, fit an RBF SVM on (a subset of) the training set,
-    score it on the whole test set."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    index = common.subsample(len(train_features), settings.svm_train_size, settings.seed)
-    svm = make_pipeline(StandardScaler(), SVC(kernel="rbf", C=settings.svm_c, gamma="scale"))
-    svm.fit(train_features[index], train_labels[index])
-    train_accuracy = float(np.mean(svm.predict(train_features[index]) == train_labels[index]))
-    metrics = common.classification_metrics(test_labels, svm.predict(test_features),
-                                            class_names=[str(d) for d in range(10)])
-    return {"kernel": "rbf", "C": settings.svm_c, "gamma": "scale", "standardised": True,
-            "fitted_on": int(len(index)), "train_accuracy": train_accuracy, "test": metrics}
-
-
-def silhouette(features, labels):
-    """Silhouette score of the digit labels on the standardised latent means (-1..1)."""
-    from sklearn.metrics import silhouette_score
-    from sklearn.preprocessing import StandardScaler
-
-    return float(silhouette_score(StandardScaler().fit_transform(features), labels))
-
-
-def measure(model, data, settings, out, timings):
-    """Everything measured on a trained model, its figures written into `out`."""
-    with common.stage(timings, "test ELBO and KL per unit"):
-        test = evaluate(model, data.test, settings.beta)
-        unit_kl = kl_per_unit(model, data.test)
-    with common.stage(timings, "samples and latent traversal"):
-        plot_samples(model, os.path.join(out, "samples.png"), settings.seed)
-        plot_latent_traversal(model, data.test[TRAVERSAL_DIGIT:TRAVERSAL_DIGIT + 1], unit_kl,
-                              os.path.join(out, "latent_traversal.png"), settings.beta)
-    with common.stage(timings, "latent means"):
-        train_features = latent_means(model, data.train)
-        test_features = latent_means(model, data.test)
-    with common.stage(timings, "SVM"):
-        svm = svm_on_latents(train_features, data.train_labels, test_features, data.test_labels,
-                             settings)
+    scaler, labels = preprocessing.StandardScaler, data.train_labels
+    with stage(timings, "evaluation"):
+        test = evaluate(model, data.test, args.beta)
+        means, unit_kl = posterior_means(model, data.test)
+        train = posterior_means(model, data.train)[0]
+        fit = common.subsample(len(data.train), args.svm_train_size, args.seed)
+        svm = pipeline.make_pipeline(scaler(), sklearn_svm.SVC(C=SVM_C, gamma="scale"))
+        svm.fit(train[fit], labels[fit])
+        svm = {"kernel": "rbf", "C": SVM_C, "gamma": "scale", "standardised": True,
+               "fitted_on": len(fit), "train_accuracy": float(np.mean(svm.predict(
+                   train[fit]) == labels[fit])), "test": common.classification_metrics(
+                       data.test_labels, svm.predict(means), DIGITS)}
+        silhouette = metrics.silhouette_score(scaler().fit_transform(means), data.test_labels)
+    tsne = common.subsample(len(means), args.tsne_points, args.seed)
+    if np.ptp(means[tsne], axis=0).max() == 0:  # scikit-learn's t-SNE crashes on them
+        print("the t-SNE figure is skipped: the latent means are all equal")
+        tsne = []
+    with stage(timings, "figures"):
+        plot_samples(model, out, args.seed)
+        plot_latent_traversal(model, data.test, unit_kl, out, args.beta)
         common.plot_confusion_matrix(svm["test"], os.path.join(out, "svm_confusion_matrix.png"),
                                      "SVM on VAE latent means, MNIST test")
-    with common.stage(timings, "t-SNE and silhouette"):
-        _, tsne_index = common.plot_tsne(test_features, data.test_labels,
-                                         os.path.join(out, "tsne_latent.png"),
-                                         names=[str(d) for d in range(10)],
-                                         title="t-SNE of VAE latent means (MNIST test)",
-                                         n_points=settings.tsne_points, seed=settings.seed)
-        score = silhouette(test_features, data.test_labels)
-    return {"test": test, "kl_per_unit": unit_kl.tolist(),
+        if len(tsne):
+            common.plot_tsne(means, data.test_labels, os.path.join(out, "tsne_latent.png"), DIGITS,
+                             title="t-SNE of VAE latent means (MNIST test)",
+                             n_points=args.tsne_points, seed=args.seed)
+    return {"test": test, "kl_per_unit": {f"z{j}": float(v) for j, v in enumerate(unit_kl)},
             "active_units": int(np.sum(unit_kl > ACTIVE_KL)), "svm": svm,
-            "silhouette": score, "tsne_points": int(len(tsne_index))}
+            "silhouette": float(silhouette), "tsne_points": len(tsne)}
 
+def checks_of(results):
+    elbo, accuracy = results["test"]["negative_elbo"], results["svm"]["test"]["accuracy"]
+    return [common.check("test negative ELBO (nats)", elbo, "<= 100", elbo <= 100),
+            common.check("SVM test accuracy", accuracy, ">= 0.98", accuracy >= 0.98)]
 
-# ---------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def plot_samples(model, path, seed):
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(100, model.latent_dim, generator=generator)
-    images = model.eval().decode(z.to(next(model.parameters()).device)).cpu()
-    fig, ax = plt.subplots(figsize=(7, 7))
-    ax.imshow(common.image_grid(images, nrow=10), cmap="gray")
-    ax.set_title(f"100 samples: decode(z), z ~ N(0, I), latent {model.latent_dim}")
+# --- Figures
+def show(ax, images, nrow, title, **title_args):
+    ax.imshow(common.image_grid(images.view(-1, 1, 28, 28), nrow=nrow), cmap="gray")
+    ax.set_title(title, **title_args)
     ax.axis("off")
-    common.save_figure(fig, path)
-
 
 @torch.no_grad()
-def plot_latent_traversal(model, digit, unit_kl, path, beta):
-    """One row a latent unit, most KL first: the posterior mean of `digit` decoded with that
-    unit set to each of TRAVERSAL_VALUES, the other units left at the mean."""
-    model.eval()
-    mu = model.encode(digit)[0][0]
-    order = np.argsort(-unit_kl, kind="stable")
-    rows = []
+def plot_samples(model, out, seed):
+    z = torch.randn(100, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    fig, ax = plt.subplots(figsize=(7, 7))
+    show(ax, model.eval().decode(z.to(next(model.parameters()).device)).cpu(), 10,
+         f"100 samples: decode(z), z ~ N(0, I), latent {model.latent_dim}")
+    common.save_figure(fig, os.path.join(out, "samples.png"))
+
+@torch.no_grad()
+def plot_latent_traversal(model, images, unit_kl, out, beta):
+    """A row a unit, most KL first: mu(x) of one test image decoded with that unit swept."""
+    mu = model.eval().encode(images[TRAVERSAL_DIGIT:TRAVERSAL_DIGIT + 1])[0][0]
+    order, rows = np.argsort(-unit_kl, kind="stable"), []
     for unit in order:
         z = mu.repeat(len(TRAVERSAL_VALUES), 1)
         z[:, unit] = torch.as_tensor(TRAVERSAL_VALUES, dtype=z.dtype)
         rows.append(model.decode(z).cpu())
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(order) + 1.2))
     ax.imshow(common.image_grid(torch.cat(rows), nrow=len(TRAVERSAL_VALUES)), cmap="gray")
-    centres = 2 + 14 + 30 * np.arange(max(len(order), len(TRAVERSAL_VALUES)))
-    ax.set_yticks(centres[:len(order)],
-                  [f"z{u}  KL {unit_kl[u]:.2f}" + ("" if unit_kl[u] > ACTIVE_KL else " (inactive)")
-                   for u in order], fontsize=7)
+    centres = 16 + 30 * np.arange(max(len(order), len(TRAVERSAL_VALUES)))
+    ax.set_yticks(centres[:len(order)], [f"z{u}  KL {unit_kl[u]:.2f}" + (
+        "" if unit_kl[u] > ACTIVE_KL else " (inactive)") for u in order], fontsize=7)
     ax.set_xticks(centres[:len(TRAVERSAL_VALUES)], [f"{v:g}" for v in TRAVERSAL_VALUES],
                   fontsize=7)
     ax.tick_params(length=0)
@@ -300,394 +233,185 @@ def plot_latent_traversal(model, digit, unit_kl, path, beta):
                  f"units by mean KL (nats)", fontsize=9)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    common.save_figure(fig, path)
+    common.save_figure(fig, os.path.join(out, "latent_traversal.png"))
 
+def plot_reconstruction_progress(originals, snapshots, out):
+    fig, axes = plt.subplots(len(snapshots) + 1, 1, figsize=(8, 1.15 * len(snapshots) + 1.45))
+    show(axes[0], originals, len(originals), "Original test digits", fontsize=10, loc="left")
+    for ax, s in zip(axes[1:], snapshots):
+        show(ax, s["images"], len(originals), f"{s['label']}: -log p(x|z) "
+             f"{s['reconstruction']:.1f} nats a digit", fontsize=10, loc="left")
+    common.save_figure(fig, os.path.join(out, "reconstruction_progress.png"))
 
-def plot_reconstruction_progress(originals, snapshots, path):
-    """Rows: the originals, then the reconstructions of each snapshot."""
-    rows = [("Original test digits", originals)] + [
-        (f"{s['label']}: -log p(x|z) {s['reconstruction']:.1f} nats a digit", s["images"])
-        for s in snapshots]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3))
-    for ax, (label, images) in zip(axes, rows):
-        ax.imshow(common.image_grid(images.view(-1, 1, 28, 28), nrow=len(images)), cmap="gray")
-        ax.set_title(label, fontsize=10, loc="left")
-        ax.axis("off")
-    common.save_figure(fig, path)
-
-
-def plot_training_curves(history, test, path, kl_warmup):
-    """Per epoch, the training batches' means (the model changes during the epoch); the test
-    set once, after training."""
+def plot_training_curves(history, test, out, kl_warmup):
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    panels = [("negative_elbo", "negative ELBO (recon + KL)"),
-              ("reconstruction", "reconstruction -log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")]
-    for ax, (key, title) in zip(axes, panels):
-        if kl_warmup:
-            ax.axvspan(0.5, min(kl_warmup, epochs[-1]) + 0.5, color="0.9", label="KL warm-up")
+    for ax, key in zip(axes, ("negative_elbo", "reconstruction", "kl")):
+        ax.axvspan(0.5, min(kl_warmup, epochs[-1]) + 0.5, color="0.9", label="KL warm-up")
         ax.plot(epochs, [h["train"][key] for h in history], "o-", ms=3, label="training batches")
         ax.plot(epochs[-1:], [test[key]], "r*", ms=10, label="test, after training")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("nats per image")
-        ax.grid(alpha=0.3)
-    axes[0].plot(epochs, [h["train"]["loss"] for h in history], "--", color="0.4",
-                 label="training loss (recon + weighted KL)")
-    axes[0].legend(loc="upper right", fontsize=8)
-    common.save_figure(fig, path)
+        ax.set(title=key, xlabel="epoch", ylabel="nats per image")
+    axes[0].legend(fontsize=8)
+    common.save_figure(fig, os.path.join(out, "training_curves.png"))
 
+# --- The report: a template filled from metrics.json (and beta4/, runs/*/metrics.json)
+REPORT = """# Question 1: VAE on MNIST
 
-# ---------------------------------------------------------------------------------------
-# Data, the saved weights, --eval-only
-# ---------------------------------------------------------------------------------------
-def load_data(args, device):
-    """MNIST as float images in [0,1] on `device` and numpy labels (validated by common)."""
-    (train_u8, train_labels), (test_u8, test_labels) = common.load_mnist(
-        args.data_dir, download=not args.no_download)
-    return SimpleNamespace(train=(train_u8.float() / 255).unsqueeze(1).to(device),
-                           test=(test_u8.float() / 255).unsqueeze(1).to(device),
-                           train_labels=train_labels.numpy(), test_labels=test_labels.numpy())
+`{command}`; {machine[description]}; {timestamp}
 
+Encoder conv 4x4/2 16 - conv 4x4/2 32 - FC {half} - 2x{settings[latent]} (mean, log-variance), \
+MLP decoder {settings[latent]}-{half}-{settings[hidden]}-784 (Bernoulli), ReLU; Adam lr {lr:g} \
+(/10 for the last {late} epochs), batch {batch}, {settings[epochs]} epochs, beta \
+{settings[beta]:g}, seed {settings[seed]}; the KL weight rises linearly from 0 to beta over \
+{settings[kl_warmup]:g} epochs. MNIST: {data[train_images]:,} training and {data[test_images]:,} \
+test images, grey levels in [0, 1] as Bernoulli targets. The warm-up and the SVM (RBF, C \
+{results[svm][C]:g}, gamma 'scale', standardised means) are fixed choices that no committed run \
+compared; the test set is scored once, after training.
 
-def load_model(path, device="cpu"):
-    """The VAE saved at `path`, rebuilt from its own settings, in eval mode."""
-    return model_from_checkpoint(common.load_checkpoint(path, CHECKPOINT_KIND), path, device)
+{checks}
 
+## Test negative ELBO: {results[test][negative_elbo]:.2f} nats per image
 
-def model_from_checkpoint(state, path, device):
-    try:
-        model = VAE(state["hparams"]["latent"], state["hparams"]["hidden"]).to(device)
-    except (KeyError, TypeError, ValueError):
-        raise common.UserError(f"weights file {path} does not fit this architecture "
-                               f"(its settings are incomplete)") from None
-    return common.load_weights(model, state, path).eval()
+-log p(x|z) {results[test][reconstruction]:.2f} + KL(q(z|x) || N(0, I)) {results[test][kl]:.2f}, \
+one posterior sample per test image, fixed noise. Samples decode z ~ N(0, I); progress rows \
+decode the posterior means of the first {n_digits} test digits (-log p(x|z), nats: {progress}).
 
-
-def comparable(metrics):
-    """The numbers --eval-only recomputes, in the layout of metrics.json."""
-    svm = metrics.get("svm", {})
-    return {"test": metrics.get("test", {}), "active_units": metrics.get("active_units"),
-            "silhouette": metrics.get("silhouette"),
-            "svm": {"train_accuracy": svm.get("train_accuracy"),
-                    "test": {"accuracy": svm.get("test", {}).get("accuracy"),
-                             "macro_f1": svm.get("test", {}).get("macro_f1")}}}
-
-
-def eval_only(args, parser, argv, device):
-    """Recompute every number and figure from saved weights into <out>/eval/ and compare them
-    with the metrics.json beside the weights. The evaluation settings (SVM, t-SNE, seed) are
-    the run's own unless given on the command line."""
-    weights = args.weights or os.path.join(args.out, "vae.pt")
-    checkpoint = common.load_checkpoint(weights, CHECKPOINT_KIND)
-    model, saved = model_from_checkpoint(checkpoint, weights, device), checkpoint["hparams"]
-    given = common.given_flags(parser, argv)
-    settings = SimpleNamespace(**{**vars(args), **{k: v for k, v in saved.items()
-                                                   if k not in given}})
-    eval_dir = common.prepare_out(os.path.join(args.out, "eval"))
-    timings = {}
-    with common.stage(timings, "load MNIST"):
-        data = load_data(args, device)
-    results = measure(model, data, settings, eval_dir, timings)
-    metrics = {"question": "Q1 VAE on MNIST, --eval-only", "command": common.command_line(),
-               "weights": weights, "settings": settings_of(settings), **results,
-               "timings": timings}
-    common.write_json(os.path.join(eval_dir, "metrics.json"), metrics)
-    committed = os.path.join(os.path.dirname(os.path.abspath(weights)), "metrics.json")
-    if os.path.isfile(committed):
-        print(f"recomputed from {weights} (saved values from {committed}):")
-        common.compare_with_committed(comparable(metrics),
-                                      comparable(common.read_json(committed, "metrics file")),
-                                      eval_dir)
-    else:
-        print(f"no metrics.json beside {weights}: nothing to compare with")
-    print(f"figures and numbers in {eval_dir}")
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------
-# Main: data, model, the training loop, the measurements, metrics.json and report.md
-# ---------------------------------------------------------------------------------------
-def main(argv=None):
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if args.download_only:
-        common.load_mnist(args.data_dir, download=True)
-        print(f"MNIST is in {os.path.join(args.data_dir, 'MNIST', 'raw')}")
-        return None
-    common.prepare_out(args.out)
-    if args.report_only:
-        return common.report_only(args.out, render_saved_report)
-    started, timings = time.perf_counter(), {}
-    device = common.choose_device(args.device)
-    if args.eval_only:
-        return eval_only(args, parser, argv, device)
-    state_path = os.path.join(args.out, "training_state.pt")
-    state = common.load_training_state(state_path, args, parser, argv) if args.resume else None
-    with common.stage(timings, "load MNIST"):
-        data = load_data(args, device)
-    if state is None:
-        common.seed_everything(args.seed)
-    model = VAE(args.latent, args.hidden).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    digits = data.test[:N_PROGRESS_DIGITS]
-    history, progress = [], [snapshot(model, digits, "before training")]
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, progress = state["history"], state["progress"]
-
-    n_train = len(data.train)
-    with common.stage(timings, "training"):
-        for epoch in range(len(history) + 1, args.epochs + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, epoch)
-            generator = epoch_generator(args.seed, epoch)
-            order = torch.randperm(n_train, generator=generator)
-            model.train()
-            sums, epoch_start = np.zeros(3), time.perf_counter()
-            for start in range(0, n_train, args.batch_size):
-                x = data.train[order[start:start + args.batch_size]]
-                beta_weight = kl_weight(args, epoch, start / n_train)
-                sums += train_step(model, optimizer, x, beta_weight, generator)
-            seconds = time.perf_counter() - epoch_start
-            loss, reconstruction, kl = (sums / n_train).tolist()
-            history.append({"epoch": epoch, "train": {
-                "loss": loss, "reconstruction": reconstruction, "kl": kl,
-                "negative_elbo": reconstruction + kl}, "train_seconds": round(seconds, 2),
-                "images_per_second": round(n_train / seconds)})
-            if epoch == 1:
-                progress.append(snapshot(model, digits, "after epoch 1"))
-            common.save_training_state(state_path, settings_of(args), model=model.state_dict(),
-                                       optimizer=optimizer.state_dict(), history=history,
-                                       progress=progress)
-            common.note_saved(f"epoch {epoch} of {args.epochs} is saved in {state_path}; "
-                              f"continue with --resume")
-            print(f"epoch {epoch:3d}  loss {loss:7.2f}  -ELBO {reconstruction + kl:7.2f} "
-                  f"(recon {reconstruction:6.2f}, KL {kl:5.2f})  {seconds:.1f}s", flush=True)
-
-    weights = os.path.join(args.out, "vae.pt")
-    common.save_checkpoint(weights, CHECKPOINT_KIND, settings_of(args), model)
-    common.note_saved(f"training finished; the weights are in {weights} "
-                      f"(--eval-only remakes every number from them)")
-    progress.append(snapshot(model, digits, f"after {args.epochs} epochs"))
-    results = measure(model, data, args, args.out, timings)
-    with common.stage(timings, "progress and curves figures"):
-        plot_reconstruction_progress(digits.cpu(), progress,
-                                     os.path.join(args.out, "reconstruction_progress.png"))
-        plot_training_curves(history, results["test"],
-                             os.path.join(args.out, "training_curves.png"), args.kl_warmup)
-    metrics = run_metrics(args, device, data, results, progress, history, timings, started)
-    common.write_json(os.path.join(args.out, "metrics.json"), metrics)
-    common.write_text(os.path.join(args.out, "report.md"), render_report(metrics, args.out))
-    print(f"test negative ELBO {results['test']['negative_elbo']:.2f} nats; SVM test accuracy "
-          f"{results['svm']['test']['accuracy']:.4f}; outputs in {args.out}")
-    return metrics
-
-
-def run_metrics(args, device, data, results, progress, history, timings, started):
-    """metrics.json: every number of the run, its command, settings, machine and timings."""
-    return {"question": "Q1 VAE on MNIST", "command": common.command_line(),
-            "mode": "resume" if args.resume else "train",
-            "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": common.machine_info(device)["description"], "torch": torch.__version__,
-            "settings": settings_of(args), "n_train": len(data.train), "n_test": len(data.test),
-            **results,
-            "progress": [{"label": s["label"], "reconstruction": s["reconstruction"]}
-                         for s in progress],
-            "history": history, "timings": timings,
-            "wall_seconds": round(time.perf_counter() - started, 1)}
-
-
-# ---------------------------------------------------------------------------------------
-# report.md: a template filled from metrics.json (and runs/*/metrics.json, beta4/metrics.json)
-# ---------------------------------------------------------------------------------------
-def most_confused(svm_test, k):
-    cm = np.array(svm_test["confusion_matrix"])
-    np.fill_diagonal(cm, 0)
-    pairs = sorted(((cm[i, j], i, j) for i in range(len(cm)) for j in range(len(cm))), reverse=True)
-    names = svm_test["class_names"]
-    return [(names[i], names[j], int(n)) for n, i, j in pairs[:k] if n > 0]
-
-
-def compare(value, target, below, above):
-    return below if value <= target else above
-
-
-def active_units_sentence(m):
-    latent, active = m["settings"]["latent"], m["active_units"]
-    text = (f"{active} of the {latent} latent units are active (mean KL per test image above "
-            f"{ACTIVE_KL} nats)")
-    inactive = [f"z{j}" for j, kl in enumerate(m["kl_per_unit"]) if kl <= ACTIVE_KL]
-    if not inactive:
-        return text + "."
-    return (text + f"; the other {len(inactive)} ({', '.join(inactive)}) carry at most "
-            f"{ACTIVE_KL} nats each: their posterior hardly differs from the prior N(0, 1), "
-            f"whatever the digit.")
-
-
-def silhouette_sentence(score):
-    return (f"Silhouette score of the digit labels on the standardised latent means of the "
-            f"whole test set: {score:.3f}. For each image it is (b - a) / max(a, b), with a its "
-            f"mean distance to the images of its own digit and b to those of the nearest other "
-            f"digit, averaged over the images; it runs from -1 to 1, and near 0 the digits' "
-            f"clusters overlap.")
-
-
-def choices_sentence(s, defaults):
-    """The warm-up and SVM settings: the defaults were chosen on training data only."""
-    changed = [f"--{key.replace('_', '-')} {s[key]:g} (default {defaults[key]:g})"
-               for key in ("kl_warmup", "svm_c") if s[key] != defaults[key]]
-    if changed:
-        return ("This run changed settings that the defaults fix: " + ", ".join(changed) + ".")
-    return ("The KL warm-up and the SVM's settings (RBF kernel, C, gamma 'scale', "
-            "standardised means) are the script's fixed defaults; no validation run of this "
-            "kit chose them. In this run the test set chose nothing: its numbers are computed "
-            "once, after training.")
-
-
-def beta_table(m, out):
-    """The beta-VAE beside this run, from <out>/beta4/metrics.json when it exists."""
-    path = os.path.join(out, "beta4", "metrics.json")
-    if not os.path.isfile(path):
-        return ""
-    b = common.read_json(path, "metrics file")
-    rows = [(f"{r['settings']['beta']:g}", r) for r in (m, b)]
-    lines = ["| beta | negative ELBO | reconstruction | KL | active units | SVM test accuracy | "
-             "silhouette |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['test']['negative_elbo']:.2f} | {r['test']['reconstruction']:.2f} "
-              f"| {r['test']['kl']:.2f} | {r['active_units']} of {r['settings']['latent']} | "
-              f"{r['svm']['test']['accuracy']:.4f} | {r['silhouette']:.3f} |" for name, r in rows]
-    fewer = ("fewer" if b["active_units"] < m["active_units"] else
-             "as many" if b["active_units"] == m["active_units"] else "more")
-    return f"""## beta-VAE: beta = {b['settings']['beta']:g} beside beta = {m['settings']['beta']:g}
-
-`{common.shown_command(b['command'])}` trains the same model with the KL weighted by beta = {b['settings']['beta']:g}
-(Higgins et al. 2017); its own report is [beta4/report.md](beta4/report.md). Test set, nats per image:
-
-{chr(10).join(lines)}
-
-With beta = {b['settings']['beta']:g} the model keeps {fewer} active units
-({b['active_units']} against {m['active_units']}).
-
-| beta = {m['settings']['beta']:g} | beta = {b['settings']['beta']:g} |
-|---|---|
-| ![traversal beta {m['settings']['beta']:g}](latent_traversal.png) | ![traversal beta {b['settings']['beta']:g}](beta4/latent_traversal.png) |
-
-"""
-
-
-def runs_table(out):
-    runs = common.other_runs(out)
-    if not runs:
-        return ""
-    lines = ["| run | command | negative ELBO | KL | active units | SVM test accuracy | "
-             "silhouette | training s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | `{common.shown_command(r['command'])}` | {r['test']['negative_elbo']:.2f} | "
-              f"{r['test']['kl']:.2f} | {r['active_units']} | {r['svm']['test']['accuracy']:.4f} | "
-              f"{r['silhouette']:.3f} | {r['timings']['training']:.0f} |" for name, r in runs]
-    return ("## Other runs\n\nEach from its own `runs/<name>/metrics.json` (the same script):\n\n"
-            + "\n".join(lines) + "\n\n")
-
-
-def render_saved_report(metrics, out):
-    """render_report for --report-only: a metrics.json of another layout is one sentence."""
-    try:
-        return render_report(metrics, out)
-    except (KeyError, TypeError, IndexError, ValueError) as error:
-        raise common.UserError(f"{os.path.join(out, 'metrics.json')} (or a run beside it) lacks "
-                               f"{error} or holds it in another form: it was not written by this "
-                               f"version of q1_vae.py; run the training again") from None
-
-
-def render_report(metrics, out):
-    m, s = metrics, metrics["settings"]
-    test, svm = m["test"], m["svm"]
-    defaults = vars(build_parser().parse_args([]))
-    training_seconds = sum(h["train_seconds"] for h in m["history"])
-    warmup = (f"the KL weight rises linearly from 0 to beta over the first {s['kl_warmup']:g} "
-              f"epochs" if s["kl_warmup"] else "the KL weight is beta from the first step")
-    confused = ", ".join(f"{a}->{b} ({n})" for a, b, n in most_confused(svm["test"], 4)) or "none"
-    lr_drop = f" (lr /10 for the last {s['epochs'] // 6})" if s["epochs"] // 6 else ""
-    progress = "; ".join(f"{p['label']} {p['reconstruction']:.1f}" for p in m["progress"])
-    return f"""# Question 1: VAE on MNIST
-
-Command: `{common.shown_command(m['command'])}` ({m['mode']}; {m['machine']}; {m['timestamp']}; wall time
-{m['wall_seconds']:.0f} s).
-
-Model: encoder conv 4x4/2 16 - conv 4x4/2 32 - FC {s['hidden'] // 2} - 2x{s['latent']} (mean and
-log-variance), MLP decoder {s['latent']}-{s['hidden'] // 2}-{s['hidden']}-784 with Bernoulli outputs,
-ReLU; Adam lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epochs{lr_drop}, beta = {s['beta']:g},
-seed {s['seed']}; {warmup}. Data: MNIST,
-{m['n_train']:,} training and {m['n_test']:,} test images, grey levels in [0, 1] used as Bernoulli
-targets (not binarised).
-
-{choices_sentence(s, defaults)}
-
-## Test ELBO
-
-| | nats per image |
-|---|---|
-| negative ELBO (reconstruction + KL) | **{test['negative_elbo']:.2f}** |
-| reconstruction -log p(x\\|z) | {test['reconstruction']:.2f} |
-| KL(q(z\\|x) \\|\\| N(0, I)) | {test['kl']:.2f} |
-
-One posterior sample per test image, fixed noise: {compare(test['negative_elbo'], ELBO_TARGET,
-'within', 'above')} the target of at most {ELBO_TARGET:g} nats.
-
-![training curves](training_curves.png)
-
-## Generated digits
-
-![samples](samples.png)
-
-Decoding 100 draws of z ~ N(0, I).
-
-## Reconstruction progress
-
+![training curves](training_curves.png) ![samples](samples.png) \
 ![reconstruction progress](reconstruction_progress.png)
 
-The first {N_PROGRESS_DIGITS} test digits decoded from their posterior means; their mean
-reconstruction term -log p(x|z), nats a digit: {progress}.
-
-## What the latent units hold
+## Latent units: {results[active_units]} of {settings[latent]} active
 
 ![latent traversal](latent_traversal.png)
 
-Test image {TRAVERSAL_DIGIT} (counting from 0): its posterior mean decoded with one unit set to each of
-{TRAVERSAL_VALUES[0]:g}..{TRAVERSAL_VALUES[-1]:g} (one row a unit, the unit with the most KL first).
-{active_units_sentence(m)}
+Active: mean KL per test image above {active_kl} nats; inactive: {inactive}.{beta}
 
-{beta_table(m, out)}## t-SNE of the latent means
+## t-SNE, silhouette and SVM on the posterior means
 
-![t-SNE](tsne_latent.png)
+![t-SNE](tsne_latent.png) ![SVM confusion matrix](svm_confusion_matrix.png)
 
-t-SNE (scikit-learn, perplexity 30, PCA init) of the posterior means mu(x) of
-{m['tsne_points']:,} random test images, coloured by their digit; the VAE never saw a label.
-{silhouette_sentence(m['silhouette'])}
+t-SNE (scikit-learn, PCA init) of {results[tsne_points]:,} random test images. Silhouette of \
+the digits on the standardised means of the test set: {results[silhouette]:.3f} (-1 to 1: 1 for \
+tight separate clusters, 0 for overlapping ones). The SVM, fitted on {results[svm][fitted_on]:,} \
+training images: train accuracy {results[svm][train_accuracy]:.4f}, test accuracy \
+{results[svm][test][accuracy]:.4f}, macro F1 {results[svm][test][macro_f1]:.4f}.
 
-## SVM on the latent features
+{per_class}
 
-RBF-kernel SVM (C = {svm['C']:g}, gamma = 'scale') on standardised posterior means, fitted on
-{svm['fitted_on']:,} training images, scored on the {svm['test']['n']:,} test images.
-Train accuracy {svm['train_accuracy']:.4f}; **test accuracy {svm['test']['accuracy']:.4f}**,
-{compare(SVM_TARGET, svm['test']['accuracy'], 'meeting', 'short of')} the target of at least
-{SVM_TARGET:g}; macro F1 {svm['test']['macro_f1']:.4f}. The pairs it confuses most (true ->
-predicted, test images): {confused}.
+## Other runs
 
-![SVM confusion matrix](svm_confusion_matrix.png)
+{runs}
 
-{common.metrics_table(svm['test'])}
-
-{runs_table(out)}## Timings ({m['machine']})
-
-| stage | seconds |
-|---|---|
-""" + "".join(f"| {k} | {v} |\n" for k, v in m["timings"].items()) + f"""
-Training steps of all {len(m['history'])} epochs: {training_seconds:.0f} s,
-{len(m['history']) * m['n_train'] / training_seconds:,.0f} images/s.
+Seconds: {timings}; training {rate:,.0f} images/s.
 """
+RUN_COLUMNS = [("beta", "settings.beta", "{:g}")] + [(head, "results." + key, form) for head,
+    key, form in (("negative ELBO", "test.negative_elbo", "{:.2f}"), ("KL", "test.kl", "{:.2f}"),
+    ("active units", "active_units", "{}"), ("SVM test accuracy", "svm.test.accuracy", "{:.4f}"),
+    ("silhouette", "silhouette", "{:.3f}"))] + [("training s", "timings.training", "{:.0f}")]
 
+def render_report(metrics, out):
+    s, r, history = metrics["settings"], metrics["results"], metrics["training"]["history"]
+    path, beta = os.path.join(out, "beta4", "metrics.json"), ""
+    if os.path.isfile(path):  # the beta-VAE beside this run
+        run = common.read_metrics(path, SCRIPT)
+        beta = f"\n\nbeta-VAE, `{run['command']}`: " + ", ".join(
+            f"{h} {f.format(common.lookup(run, k))}" for h, k, f in RUN_COLUMNS[1:6])
+        beta += ".\n\n![beta4 traversal](beta4/latent_traversal.png)"
+    return common.fill(
+        REPORT, metrics, checks=common.checks_table(metrics["checks"]), lr=LR, batch=BATCH_SIZE,
+        half=s["hidden"] // 2, late=s["epochs"] // 6, n_digits=N_DIGITS, active_kl=ACTIVE_KL,
+        progress="; ".join(f"{p['label']} {p['reconstruction']:.1f}"
+                           for p in metrics["training"]["progress"]),
+        inactive=", ".join(u for u, kl in r["kl_per_unit"].items() if kl <= ACTIVE_KL) or "none",
+        beta=beta, per_class=common.metrics_table(r["svm"]["test"]),
+        runs=common.runs_table(out, SCRIPT, RUN_COLUMNS) or "No runs are stored beside this one.",
+        timings=", ".join(f"{k} {v:g}" for k, v in metrics["timings"].items()),
+        rate=len(history) * metrics["data"]["train_images"] / sum(
+            h["train_seconds"] for h in history))
+
+# --- Main
+def main(argv=None):
+    args = common.parse(build_parser(), argv)
+    if args.report_only:
+        return common.report_only(args.out, SCRIPT, render_report)
+    device = common.choose_device(args.device)
+    if args.download_only:
+        common.load_mnist(args.data_dir, download=True)
+        return print(f"MNIST is in {os.path.join(args.data_dir, 'MNIST', 'raw')}")
+    out = common.prepare_out(args.out)
+    if args.eval_only:
+        return eval_only(args, device)
+    timings, path = {}, os.path.join(out, "training_state.pt")
+    data = load_data(args, device, timings)
+    resumed = args.resume and common.load_training_state(path, args, data.fingerprint)
+    check_sizes(args, data)
+    if not resumed:
+        common.seed_everything(args.seed)
+    model = VAE(args.latent, args.hidden).to(device)
+    with stage(timings, "training"):
+        state = train(model, data, args, path, resumed)
+    weights = os.path.join(out, "vae.pt")
+    common.save_checkpoint(weights, KIND, common.settings_of(args), model)
+    common.note_saved(f"training finished; the weights are in {weights}")
+    results = measure(model, data, args, out, timings)
+    with stage(timings, "figures"):
+        plot_reconstruction_progress(data.test[:N_DIGITS].cpu(), state["progress"], out)
+        plot_training_curves(state["history"], results["test"], out, args.kl_warmup)
+    progress = [{"label": p["label"], "reconstruction": p["reconstruction"]}
+                for p in state["progress"]]
+    metrics = record(args, device, data, timings, results, out,
+                     training={"history": state["history"], "progress": progress})
+    common.write_text(os.path.join(out, "report.md"), render_report(metrics, out))
+    common.save_training_state(path, metrics["settings"], data.fingerprint, True, **state)
+    print(f"test negative ELBO {results['test']['negative_elbo']:.2f} nats; outputs in {out}")
+
+def record(args, device, data, timings, results, out, **extra):
+    metrics = common.record(SCRIPT, args, device, data.record, timings, checks_of(results),
+                            results, **extra)
+    common.write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+def eval_only(args, device):
+    """Every number and figure again from OUT/vae.pt into OUT/eval/, compared with the run's."""
+    weights = os.path.join(args.out, "vae.pt")
+    model, saved = load_model(weights, device), common.load_checkpoint(weights, KIND)["hparams"]
+    committed = common.read_metrics(os.path.join(args.out, "metrics.json"), SCRIPT)
+    vars(args).update({k: v for k, v in saved.items() if k in vars(args) and k not in args.given})
+    eval_dir, timings = common.prepare_out(os.path.join(args.out, "eval")), {}
+    data = load_data(args, device, timings)
+    check_sizes(args, data)
+    results = measure(model, data, args, eval_dir, timings)
+    common.compare_with_committed(record(args, device, data, timings, results, eval_dir),
+                                  committed, eval_dir)
+
+# --- Data and weights
+def load_data(args, device, timings):
+    with stage(timings, "data"):
+        (train, train_labels), (test, test_labels) = common.load_mnist(
+            args.data_dir, download=not args.no_download)
+        fingerprint = common.fingerprint(train, train_labels, test, test_labels)
+        train_x, test_x = ((u8.float() / 255).unsqueeze(1).to(device) for u8 in (train, test))
+    return SimpleNamespace(train=train_x, test=test_x, train_labels=train_labels.numpy(),
+                           test_labels=test_labels.numpy(), fingerprint=fingerprint, record={
+                               "folder": "DATA_DIR/MNIST/raw", "train_images": len(train),
+                               "test_images": len(test), "fingerprint": fingerprint})
+
+def check_sizes(args, data):
+    """What the t-SNE and the SVM need, refused before any training."""
+    svm = data.train_labels[common.subsample(len(data.train), args.svm_train_size, args.seed)]
+    for flag, small, need in (
+            ("hidden", args.hidden < 2, "layers of hidden // 2 units, so at least 2"),
+            ("latent", args.latent < 2, "2 latent units for the t-SNE's PCA initialisation"),
+            ("tsne_points", min(args.tsne_points, len(data.test)) < 2, "2 test images"),
+            ("svm_train_size", len(np.unique(svm)) < 2, "two digits for the SVM to tell apart")):
+        if small:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is too small: "
+                            f"the run needs {need}")
+
+def load_model(path, device="cpu"):
+    """The VAE saved at `path`, rebuilt from its own settings, in eval mode."""
+    state = common.load_checkpoint(path, KIND)
+    model = VAE(state["hparams"]["latent"], state["hparams"]["hidden"])
+    return common.load_weights(model, state, path).to(device).eval()
 
 if __name__ == "__main__":
     common.run_cli(main)

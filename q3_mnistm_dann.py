@@ -1,27 +1,19 @@
-"""Question 3.2: domain-adversarial training from MNIST to MNIST-M (Ganin et al., JMLR 2016,
-Section 5.2, Table 2 and Figure 5), with the Figure 4(a) network.
+"""Question 3.2: DANN from MNIST to MNIST-M (Ganin et al., JMLR 2016, Section 5.2, Table 2 and
+Figure 5) with the Figure 4(a) network: source only, DANN and train on target.
 
-    python q3_mnistm_dann.py --data-dir ./data --svm-retrain   # source only, DANN, train on target
-    python q3_mnistm_dann.py --data-dir ./data --eval-only      # recompute the numbers into <out>/eval/
-    python q3_mnistm_dann.py --report-only                      # re-render report.md from metrics.json
-    python q3_mnistm_dann.py --data-dir ./data --download-only  # fetch MNIST and BSDS500, then stop
-
-The script reads top to bottom as the method: the data (MNIST; MNIST-M built from BSDS500
-photos as Section 5.2.4 says, or the authors' own MNIST-M), the Figure 4(a) network, the losses
-and the lr_p / lambda_p schedules, one training step, the training loop shared by the three
-models (source only, DANN, train on target), the test evaluation (Table 2, the last layer
-optionally retrained by a linear SVM), the figures, and report.md rendered from metrics.json.
-
-A labelled validation split is held out of MNIST train and of MNIST-M train (--validation-size
-each). The training loop watches it every epoch; the MNIST-M test set is evaluated once, after
-training. MNIST-M is built once and kept as uint8 arrays in <cache-dir>/MNIST-M/.
+    python q3_mnistm_dann.py --data-dir DATA_DIR --svm-retrain   # the three models
+    python q3_mnistm_dann.py --data-dir DATA_DIR --eval-only      # recompute into <out>/eval/
+    python q3_mnistm_dann.py --report-only                        # re-render report.md
+    python q3_mnistm_dann.py --data-dir DATA_DIR --resume         # continue an interrupted run
+    python q3_mnistm_dann.py --data-dir DATA_DIR --download-only  # fetch MNIST and BSDS500
+    python q3_mnistm_dann.py --data-dir DATA_DIR --mnistm official # the authors' MNIST-M, fetched
+    python q3_mnistm_dann.py --data-dir DATA_DIR --epochs 1 --batch-size 256 --svm-retrain \\
+        --svm-train-size 2000 --tsne-points 100 --validation-size 2000 --out DIR  # a short run
 """
 import argparse
-import glob
 import hashlib
 import math
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -32,482 +24,52 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, add_common_args, atomic_write, check_finite, choose_device,
-                    classification_metrics, command_line, compare_with_committed,
-                    download_first, given_flags, grad_reverse, image_grid, load_checkpoint,
-                    load_mnist, load_training_state, load_weights, machine_info, note_saved,
-                    other_runs, plot_confusion_matrix, positive_int, positive_float,
-                    prepare_out, read_json, report_only, run_cli, save_checkpoint, save_figure,
-                    save_training_state, scatter_by_label, seed_everything, seed_type,
-                    shown_command, stage,
-                    subsample, training_settings, tsne_embed, write_json, write_text)
+import common
+from common import UserError, check, check_finite, note_saved, positive_int, stage, subsample
 
-OUT_DEFAULT = "outputs/q3_mnistm"
+SCRIPT, OUT_DEFAULT, STATE = "q3_mnistm_dann.py", "outputs/q3_mnistm", "training_state.pt"
 MODELS = ["source_only", "dann", "target_only"]
 TRAIN_ORDER = ["dann", "source_only", "target_only"]  # the headline model first
-MODEL_TITLES = {"source_only": "Source only", "dann": "DANN", "target_only": "Train on target"}
+TITLES = {"source_only": "Source only", "dann": "DANN", "target_only": "Train on target"}
+DOMAIN = {"source_only": "source", "dann": "source", "target_only": "target"}  # its labels
 KINDS = {name: f"q3_mnistm_dann/{name}" for name in MODELS}
-# Table 2 of the JMLR paper (MNIST -> MNIST-M, target test accuracy, every method's last layer
-# retrained by a linear SVM) and the ICML 2015 version of the same table.
-PAPER = {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9596}
-PAPER_ICML2015 = {"source_only": 0.5749, "dann": 0.8149, "target_only": 0.9891}
+PAPER = {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9596}  # Table 2, MNIST-M
+DEFAULT_EPOCHS = 27  # runs/epoch_choice: the first epoch within EPOCH_TOLERANCE of its best
+EPOCH_CHOICE_RUN, EPOCH_TOLERANCE = "epoch_choice", 0.01
+LR, MOMENTUM, MNISTM_SEED, MIN_TSNE_POINTS = 0.01, 0.9, 0, 10
+WHERE = ("cache_dir", "bsds_dir", "mnistm_dir")  # where the data lie, not what a run computes
+TOLERANCES = {prefix: (0.0005, "linear SVM refit on the 100-d features; on an AMD EPYC it "
+                       "differed from the committed run's Intel Xeon by up to 0.0003")
+              for prefix in ("results.svm.", "checks.SVM last layer")}
 
-# The epoch count is read off the MNIST-M validation curve of one DANN run, committed as
-# outputs/q3_mnistm/runs/<EPOCH_CHOICE_RUN>/metrics.json: the first epoch whose validation
-# accuracy is within EPOCH_TOLERANCE of that run's best.
-DEFAULT_EPOCHS = 27  # runs/epoch_choice: best 0.8776 at epoch 28 of 30, within 0.01 from epoch 27
-EPOCH_CHOICE_RUN = "epoch_choice"
-EPOCH_TOLERANCE = 0.01
-
-# BSDS500 sources, tried in turn: Berkeley's archive (two spellings) and the GitHub mirror.
-BSDS_SOURCES = (
-    "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/BSR/BSR_bsds500.tgz",
-    "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/BSR/BSR_bsds500.tgz",
-    "https://github.com/BIDS/BSDS500/archive/refs/heads/master.zip",
-)
-BSDS_DOWNLOAD = "BSDS500_archive"  # the archive's name while it is checked and unpacked
-BSDS_ARCHIVE_LAYOUTS = ("BSR/BSDS500/data/images/", "BSDS500-master/BSDS500/data/images/")
-BSDS_LOCAL_ARCHIVES = ("BSR_bsds500.tgz", "BSDS500-master.zip")
-# No checksum of the archives is published (and GitHub regenerates its zip), so a download is
-# checked on what MNIST-M uses: SHA-256 over "split/name:" + SHA-256(bytes) of the 200 train
-# and 200 test JPEGs, train first, each split sorted by name (the byte-exact BSR release).
-BSDS_FINGERPRINT = "02dac0fc5b9a349c7695cdc915cd73acb66f543de5d682bf2c1ecfe57829e38e"
-OFFICIAL_SIZE = 32  # the authors' mnist_m.tar.gz holds 32x32 RGB PNGs
-# Flags that only say where the data are: a resumed run may change them.
-NOT_TRAINING = ("cache_dir", "bsds_dir", "mnistm_dir", "no_download", "download_only")
-# Settings an --eval-only run takes from the saved metrics.json (unless given): they decide the
-# data split and the evaluation.
-EVAL_SETTINGS = ("mnistm", "mnistm_seed", "validation_size", "svm_retrain", "svm_train_size",
-                 "tsne_points")
-
-
-# =======================================================================================
-# Arguments
-# =======================================================================================
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description="DANN from MNIST to MNIST-M (Ganin et al. 2016, Table 2 and Figure 5).")
-    add_common_args(parser, OUT_DEFAULT)
-    parser.add_argument("--cache-dir", default="./data",
-                        help="writable folder for the MNIST-M cache, uint8 arrays of about "
-                             "165 MB (default: ./data)")
-    parser.add_argument("--bsds-dir", default=None,
-                        help="folder holding BSDS500's images/train and images/test (default: "
-                             "<data-dir>/BSDS500, downloaded there when missing)")
-    parser.add_argument("--mnistm", choices=["build", "official"], default="build",
-                        help="build MNIST-M from BSDS500 as the paper says (default), or load "
-                             "the authors' mnist_m.tar.gz from --mnistm-dir")
-    parser.add_argument("--mnistm-dir", default=None,
-                        help="folder with mnist_m.tar.gz or its extracted mnist_m/ (--mnistm official)")
-    parser.add_argument("--mnistm-seed", type=seed_type, default=0,
-                        help="seed of the MNIST-M construction, fixed across training seeds (default 0)")
-    parser.add_argument("--no-download", action="store_true", help="never try to download data")
-    parser.add_argument("--download-only", action="store_true",
-                        help="download MNIST and BSDS500 into --data-dir, then stop")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS,
-                        help="models to train (default all three)")
-    parser.add_argument("--seeds", type=positive_int, default=1,
-                        help="train seeds --seed .. --seed+K-1; Table 2 gives mean and std (default 1)")
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
-                        help=f"passes over the labelled training set (default {DEFAULT_EPOCHS}, "
-                             f"chosen on the validation split)")
-    parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="images per domain per step: 64 source + 64 target (default 64)")
-    parser.add_argument("--lr", type=positive_float, default=0.01, help="mu_0 in lr_p (default 0.01)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--validation-size", type=positive_int, default=5000,
-                        help="labelled images held out of MNIST train and of MNIST-M train, "
-                             "watched every epoch (default 5000)")
-    parser.add_argument("--svm-retrain", action="store_true",
-                        help="also retrain each last layer with a linear SVM, as the paper did")
-    parser.add_argument("--svm-train-size", type=positive_int, default=20000,
-                        help="training images for the SVM (default 20000)")
-    parser.add_argument("--tsne-points", type=positive_int, default=500,
-                        help="test images per domain in the Figure 5 t-SNE (default 500)")
-    parser.add_argument("--weights", default=None,
-                        help="--eval-only: a weights file or a folder holding source_only.pt, "
-                             "dann.pt, target_only.pt (default: the --out folder)")
-    return parser
-
-
-def parse_args(argv=None, parser=None):
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    if not 0 <= args.momentum < 1:
-        parser.error("argument --momentum: must be in [0, 1)")
-    if args.mnistm == "official" and not args.mnistm_dir:
-        parser.error("--mnistm official needs --mnistm-dir")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser, OUT_DEFAULT)
+    add = parser.add_argument
+    add("--cache-dir", default="./data", help="writable folder for the MNIST-M cache (165 MB)")
+    add("--bsds-dir", help="folder with BSDS500's images/train and images/test")
+    add("--mnistm", choices=["build", "official"], default="build",
+        help="build MNIST-M from BSDS500 (Section 5.2.4), or read the authors' file")
+    add("--mnistm-dir", help="folder of mnist_m.tar.gz or mnist_m/ (default: --data-dir)")
+    add("--no-download", action="store_true", help="never try to download")
+    add("--download-only", action="store_true", help="fetch the data, then stop")
+    add("--models", nargs="+", choices=MODELS, default=MODELS)
+    add("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="see runs/epoch_choice")
+    add("--batch-size", type=positive_int, default=64, help="images per domain per step")
+    add("--validation-size", type=positive_int, default=5000,
+        help="labelled images held out of MNIST train and of MNIST-M train")
+    add("--svm-retrain", action="store_true", help="retrain each last layer by a linear SVM")
+    add("--svm-train-size", type=positive_int, default=20000, help="training images of the SVM")
+    add("--tsne-points", type=positive_int, default=500, help="test images per domain, Fig. 5")
+    args = common.parse(parser, argv)
+    args.mnistm_dir = args.mnistm_dir or args.data_dir
     return args
 
-
-# =======================================================================================
-# Data: MNIST-M (Section 5.2.4) from MNIST digits and BSDS500 photos
-# =======================================================================================
-def build_mnistm(digits, photos, seed=0):
-    """MNIST-M as Section 5.2.4 says: each grey digit (0-255, repeated to 3 channels) blended
-    over a uniformly random 28x28 crop of a uniformly random photo, out = |patch - digit| per
-    pixel and channel. digits: uint8 (N,28,28); photos: list of uint8 (H,W,3) arrays.
-    Returns uint8 (N,28,28,3)."""
-    digits = np.asarray(digits, dtype=np.uint8)
-    n, h, w = digits.shape
-    rng = np.random.default_rng(seed)
-    which = rng.integers(len(photos), size=n)
-    patches = np.empty((n, h, w, 3), dtype=np.uint8)
-    for i, k in enumerate(which):
-        photo = photos[k]
-        top = rng.integers(photo.shape[0] - h + 1)
-        left = rng.integers(photo.shape[1] - w + 1)
-        patches[i] = photo[top:top + h, left:left + w]
-    return np.abs(patches.astype(np.int16) - digits[..., None].astype(np.int16)).astype(np.uint8)
-
-
-def make_mnistm(train_digits, test_digits, photos, seed=0):
-    """Training digits over BSDS500 train photos, test digits over test photos: no background
-    is shared between the two splits. photos: {"train": [...], "test": [...]}."""
-    return (build_mnistm(train_digits, photos["train"], seed),
-            build_mnistm(test_digits, photos["test"], seed + 1))
-
-
-def photo_fingerprint(photos):
-    """SHA-256 of {"train/<name>": bytes, "test/<name>": bytes}, as BSDS_FINGERPRINT."""
-    digest = hashlib.sha256()
-    for split in ("train", "test"):
-        for key in sorted(k for k in photos if k.startswith(split + "/")):
-            digest.update(f"{key}:".encode())
-            digest.update(hashlib.sha256(photos[key]).digest())
-    return digest.hexdigest()
-
-
-def bsds_files(root, split):
-    folder = os.path.join(root, "images", split)
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-
-
-def folder_photos(root):
-    photos = {}
-    for split in ("train", "test"):
-        for name in bsds_files(root, split):
-            with open(os.path.join(root, "images", split, name), "rb") as f:
-                photos[f"{split}/{name}"] = f.read()
-    return photos
-
-
-def archive_photos(path):
-    """The train and test JPEGs of a BSDS500 archive, {"train/<name>": bytes, ...}, in either
-    layout (Berkeley's BSR_bsds500.tgz, GitHub's BSDS500-master.zip). Raises ValueError when
-    the archive is broken or its photos are not the official ones."""
-    photos = {}
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                members = [(info.filename, info) for info in archive.infolist() if not info.is_dir()]
-                photos = bsds_members(members, archive.read)
-        else:
-            with tarfile.open(path) as archive:
-                members = [(member.name, member) for member in archive if member.isfile()]
-                photos = bsds_members(members, lambda member: archive.extractfile(member).read())
-    except Exception as error:  # tarfile, zipfile, zlib, EOF and OS errors all mean a bad archive
-        raise ValueError(f"not a readable tgz or zip archive ({error})") from None
-    if photo_fingerprint(photos) != BSDS_FINGERPRINT:
-        raise ValueError(f"its {len(photos)} BSDS500 train/test photos are not the official "
-                         f"ones (checksum mismatch)")
-    return photos
-
-
-def bsds_members(members, read):
-    photos = {}
-    for name, member in members:
-        for prefix in BSDS_ARCHIVE_LAYOUTS:
-            split, _, file = name[len(prefix):].partition("/") if name.startswith(prefix) else ("", "", "")
-            if split in ("train", "test") and file.lower().endswith(".jpg") and "/" not in file:
-                photos[f"{split}/{file}"] = read(member)
-    return photos
-
-
-def write_photos(photos, root):
-    """Write the photos as root/images/{train,test}/*.jpg, all at once (a temporary folder
-    renamed into place): an interrupted run leaves no half-written BSDS500 folder."""
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-BSDS500-")
-    try:
-        for key, data in photos.items():
-            split, name = key.split("/")
-            os.makedirs(os.path.join(tmp, "images", split), exist_ok=True)
-            with open(os.path.join(tmp, "images", split, name), "wb") as f:
-                f.write(data)
-        os.rename(tmp, root)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return root
-
-
-def is_bsds_root(path):
-    return all(os.path.isdir(os.path.join(path, "images", s)) for s in ("train", "test"))
-
-
-def find_bsds(args):
-    """The folder holding images/train and images/test: --bsds-dir; a copy in --data-dir
-    (BSDS500/, or either archive's extracted layout); either archive in --data-dir; else a
-    download from BSDS_SOURCES into <data-dir>/BSDS500/."""
-    if args.bsds_dir:
-        if not is_bsds_root(args.bsds_dir):
-            raise UserError(f"--bsds-dir {args.bsds_dir} does not hold images/train and "
-                            f"images/test (the BSDS500 JPEGs)")
-        return args.bsds_dir
-    root = os.path.join(args.data_dir, "BSDS500")
-    for folder in (root, os.path.join(args.data_dir, "BSR", "BSDS500", "data"),
-                   os.path.join(args.data_dir, "BSDS500-master", "BSDS500", "data")):
-        if is_bsds_root(folder):
-            return folder
-    for name in BSDS_LOCAL_ARCHIVES:
-        archive = os.path.join(args.data_dir, name)
-        if os.path.isfile(archive):
-            try:
-                return write_photos(archive_photos(archive), root)
-            except ValueError as error:
-                raise UserError(f"{archive}: {error}; delete it and run again") from None
-    hint = (f"put one of the archives ({', '.join(BSDS_LOCAL_ARCHIVES)}) into "
-            f"{os.path.abspath(args.data_dir)}/, or pass --bsds-dir a folder holding "
-            f"images/train and images/test with the BSDS500 photos")
-    if args.no_download:
-        raise UserError(f"BSDS500 is missing and --no-download was given: {hint}")
-    archive = download_first(BSDS_SOURCES, args.data_dir, BSDS_DOWNLOAD, check=archive_photos,
-                             offline_hint=hint)
-    write_photos(archive_photos(archive), root)
-    os.remove(archive)  # the 400 photos MNIST-M needs are kept, the archive is not
-    return root
-
-
-def read_photos(root):
-    from PIL import Image
-
-    photos = {}
-    for split in ("train", "test"):
-        names = bsds_files(root, split)
-        if not names:
-            raise UserError(f"{os.path.join(root, 'images', split)} holds no photos")
-        photos[split] = []
-        for name in names:
-            path = os.path.join(root, "images", split, name)
-            try:
-                photo = np.asarray(Image.open(path).convert("RGB"))
-            except Exception:
-                raise UserError(f"BSDS500 photo {path} cannot be read") from None
-            if photo.shape[0] < 28 or photo.shape[1] < 28:
-                raise UserError(f"BSDS500 photo {path} is smaller than 28x28")
-            photos[split].append(photo)
-    return photos
-
-
-def check_mnistm_arrays(arrays, train_labels=None, test_labels=None):
-    """Keys, dtypes, shapes and label range of MNIST-M arrays (and, for the built set, the
-    labels of the MNIST digits it was built from). Raises ValueError with the first problem."""
-    for split, expected in (("train", train_labels), ("test", test_labels)):
-        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
-        if images is None or labels is None:
-            raise ValueError(f"it lacks {split}_images or {split}_labels")
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (28, 28, 3):
-            raise ValueError(f"{split}_images is {images.dtype} {images.shape}, not uint8 (N,28,28,3)")
-        if labels.shape != (len(images),) or (len(labels) and int(labels.max()) > 9):
-            raise ValueError(f"{split}_labels does not hold one digit 0-9 per image")
-        if expected is not None and not np.array_equal(labels, expected):
-            raise ValueError(f"{split}_labels differ from the MNIST labels")
-
-
-def cached(path, build, check, what):
-    """Arrays from the npz at `path` when it opens and passes `check`; else build() them (a
-    truncated, foreign or stale cache is rebuilt) and try to save them there."""
-    if os.path.isfile(path):
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in f.files}
-            check(arrays)
-            return arrays, path
-        except Exception as error:
-            print(f"warning: {what} cache {path} cannot be used ({error}); rebuilding it", flush=True)
-    arrays = build()
-    check(arrays)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
-        return arrays, path
-    except OSError:
-        print(f"warning: cannot write the {what} cache to {path} (read-only folder?); it is "
-              f"kept in memory for this run; pass --cache-dir a writable folder to build it "
-              f"only once", flush=True)
-        return arrays, "memory"
-
-
-def load_built_mnistm(args, mnist):
-    (train_digits, train_labels), (test_digits, test_labels) = mnist
-    root = find_bsds(args)
-    key = hashlib.sha1()
-    key.update(train_digits.numpy().tobytes())
-    key.update(test_digits.numpy().tobytes())
-    for split in ("train", "test"):
-        for name in bsds_files(root, split):
-            key.update(f"{split}/{name}:{os.path.getsize(os.path.join(root, 'images', split, name))}".encode())
-    key.update(f"seed{args.mnistm_seed}".encode())
-    path = os.path.join(args.cache_dir, "MNIST-M", f"mnistm_built_{key.hexdigest()[:12]}.npz")
-
-    def build():
-        train, test = make_mnistm(train_digits.numpy(), test_digits.numpy(), read_photos(root),
-                                  args.mnistm_seed)
-        return {"train_images": train, "train_labels": train_labels.numpy().astype(np.uint8),
-                "test_images": test, "test_labels": test_labels.numpy().astype(np.uint8)}
-
-    def check(arrays):
-        check_mnistm_arrays(arrays, train_labels.numpy(), test_labels.numpy())
-
-    arrays, source = cached(path, build, check, "MNIST-M")
-    return arrays, {"kind": "built from BSDS500 (|patch - digit|, grey digits, 28x28 crops)",
-                    "bsds_dir": os.path.abspath(root), "mnistm_seed": args.mnistm_seed,
-                    "cache": source if source == "memory" else os.path.abspath(source),
-                    "bsds_matches_official_release":
-                        photo_fingerprint(folder_photos(root)) == BSDS_FINGERPRINT}
-
-
-def read_official_split(root, split):
-    """One split of the authors' layout: mnist_m_<split>/*.png and mnist_m_<split>_labels.txt
-    with lines '00000000.png 5'. The 32x32 images are resized to 28x28 (Pillow bilinear with
-    antialiasing: the whole digit is kept, as the Figure 4(a) network needs 28x28 inputs)."""
-    from PIL import Image
-
-    labels_file = os.path.join(root, f"mnist_m_{split}_labels.txt")
-    folder = os.path.join(root, f"mnist_m_{split}")
-    if not os.path.isfile(labels_file):
-        raise UserError(f"{labels_file} is missing (official MNIST-M layout)")
-    images, labels = [], []
-    with open(labels_file) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].isdigit() or not 0 <= int(parts[1]) <= 9:
-                raise UserError(f"{labels_file} line {number}: expected '<name>.png <digit 0-9>', "
-                                f"got {line.strip()!r}")
-            path = os.path.join(folder, parts[0])
-            try:
-                image = Image.open(path).convert("RGB")
-                if image.size != (28, 28):
-                    image = image.resize((28, 28), Image.BILINEAR)
-                images.append(np.asarray(image))
-            except Exception:
-                raise UserError(f"{labels_file} line {number}: image {path} is missing or "
-                                f"unreadable") from None
-            labels.append(int(parts[1]))
-    if not images:
-        raise UserError(f"{labels_file} lists no images")
-    return np.stack(images), np.array(labels, dtype=np.uint8)
-
-
-def load_official_mnistm(mnistm_dir, cache_dir):
-    """The authors' mnist_m.tar.gz (extracted, or the archive itself, unpacked into
-    --cache-dir) as uint8 arrays. No public copy is downloaded: the user supplies it."""
-    def find_root():
-        for root in (mnistm_dir, os.path.join(mnistm_dir, "mnist_m"),
-                     os.path.join(cache_dir, "mnist_m")):
-            if os.path.isdir(os.path.join(root, "mnist_m_train")):
-                return root
-        return None
-
-    root = find_root()
-    archive = os.path.join(mnistm_dir, "mnist_m.tar.gz")
-    if root is None and os.path.isfile(archive):
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(cache_dir, filter="data")
-        except Exception as error:
-            raise UserError(f"{archive} is corrupt or truncated ({error})") from None
-        root = find_root()
-    if root is None:
-        raise UserError(f"official MNIST-M not found: put mnist_m.tar.gz (or its extracted "
-                        f"mnist_m/ folder) into {os.path.abspath(mnistm_dir)}/")
-    key = hashlib.sha1()
-    for split in ("train", "test"):
-        labels_file = os.path.join(root, f"mnist_m_{split}_labels.txt")
-        if os.path.isfile(labels_file):
-            with open(labels_file, "rb") as f:
-                key.update(f.read())
-    path = os.path.join(cache_dir, "MNIST-M", f"mnistm_official_{key.hexdigest()[:12]}.npz")
-
-    def build():
-        train_images, train_labels = read_official_split(root, "train")
-        test_images, test_labels = read_official_split(root, "test")
-        return {"train_images": train_images, "train_labels": train_labels,
-                "test_images": test_images, "test_labels": test_labels}
-
-    arrays, source = cached(path, build, check_mnistm_arrays, "official MNIST-M")
-    return arrays, {"kind": "official mnist_m.tar.gz, 32x32 resized to 28x28 (bilinear)",
-                    "dir": os.path.abspath(root),
-                    "cache": source if source == "memory" else os.path.abspath(source)}
-
-
-def split_off_validation(images, labels, size):
-    """(train images, train labels, validation images, validation labels): a fixed random
-    `size` of the labelled training set held out (the same indices for MNIST and the MNIST-M
-    built from it, so DANN sees neither version of a validation digit)."""
-    held_out = np.zeros(len(images), dtype=bool)
-    held_out[subsample(len(images), size, seed=0)] = True
-    keep, held_out = torch.from_numpy(~held_out), torch.from_numpy(held_out)
-    return images[keep], labels[keep], images[held_out], labels[held_out]
-
-
-def load_data(args, device):
-    """MNIST (grey, uint8 N,28,28) and MNIST-M (uint8 N,3,28,28) tensors on `device`: train,
-    val (held out of train) and test for both domains, keyed source_* and target_*."""
-    mnist = load_mnist(args.data_dir, download=not args.no_download)
-    if args.mnistm == "build":
-        arrays, info = load_built_mnistm(args, mnist)
-    else:
-        arrays, info = load_official_mnistm(args.mnistm_dir, args.cache_dir)
-    domains = {"source": (*mnist[0], *mnist[1]),
-               "target": (torch.from_numpy(arrays["train_images"]).permute(0, 3, 1, 2),
-                          torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-                          torch.from_numpy(arrays["test_images"]).permute(0, 3, 1, 2),
-                          torch.from_numpy(arrays["test_labels"].astype(np.int64)))}
-    data = {}
-    for domain, (train, train_labels, test, test_labels) in domains.items():
-        if args.validation_size >= len(train):
-            raise UserError(f"--validation-size {args.validation_size} leaves no {domain} "
-                            f"training images (the set has {len(train)})")
-        train, train_labels, val, val_labels = split_off_validation(
-            train.contiguous(), train_labels.long(), args.validation_size)
-        for split, images, labels in (("train", train, train_labels), ("val", val, val_labels),
-                                      ("test", test.contiguous(), test_labels.long())):
-            data[f"{domain}_{split}"], data[f"{domain}_{split}_labels"] = images, labels
-            info[f"{domain}_{split}"] = len(images)
-    return {k: v.to(device) for k, v in data.items()}, info
-
-
-def as_input(images):
-    """uint8 (N,28,28) grey or (N,3,28,28) colour -> float (N,3,28,28) in [0,1], stored
-    channels-last (the layout the CPU convolutions run fastest in)."""
-    x = images.float().div_(255)
-    if x.dim() == 3:
-        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def pixel_mean(data):
-    """Per-channel mean of the union of the MNIST and MNIST-M training images: one mean for
-    both domains and all three models (per-domain statistics would be a form of adaptation)."""
-    grey = data["source_train"].double().mean() / 255
-    colour = data["target_train"].double().mean(dim=(0, 2, 3)) / 255
-    n_s, n_t = len(data["source_train"]), len(data["target_train"])
-    return ((n_s * grey + n_t * colour) / (n_s + n_t)).float().cpu().tolist()
-
-
-# =======================================================================================
-# Model: the Figure 4(a) network
-# =======================================================================================
+# --- Model: the Figure 4(a) network
 class DANNNet(nn.Module):
-    """Feature extractor conv5x5(32)-ReLU-pool-conv5x5(48)-ReLU-pool (768-d), label predictor
-    100-100-10, domain classifier GRL-100-1. Takes images in [0,1] and subtracts the stored
-    mean. Each max-pooling runs before its ReLU: the two commute (both are monotone, and the
-    gradients agree too), so this is the same function with the ReLU on 4x fewer values."""
+    """Features conv5x5(32)-pool-ReLU-conv5x5(48)-pool-ReLU (768-d), label predictor 100-100-10,
+    domain classifier 100-1 (behind the GRL); input in [0,1] minus the stored pixel mean."""
 
     def __init__(self, mean):
         super().__init__()
@@ -526,67 +88,54 @@ class DANNNet(nn.Module):
     def forward(self, x):
         return self.label_predictor(self.features(x))
 
-    def last_hidden(self, x):
-        """The input of the last layer (100-d), which the paper retrained with a linear SVM."""
+    def last_hidden(self, x):  # the input of the last layer, which the paper refits by an SVM
         return self.label_predictor[:-1](self.features(x))
 
-    def domain_logits(self, features, lambda_):
-        """Domain classifier behind the gradient reversal layer: logit of 'target'."""
-        return self.domain_classifier(grad_reverse(features, lambda_)).squeeze(1)
-
-
 def load_model(path):
-    """A trained model in eval mode: forward(x) -> (N,10) logits, features(x) -> (N,768), for
-    x float (N,3,28,28) in [0,1]."""
-    state = load_checkpoint(path, tuple(KINDS.values()))
-    try:
-        model = DANNNet(state["hparams"]["mean"])
-    except (KeyError, TypeError, RuntimeError):
-        raise UserError(f"weights file {path} lacks the pixel mean it was trained with") from None
-    return load_weights(model, state, path).eval()
+    """A trained model in eval mode; forward(x) -> (N,10), features(x) -> (N,768)."""
+    state = common.load_checkpoint(path, tuple(KINDS.values()))
+    return common.load_weights(DANNNet(state["hparams"]["mean"]), state, path).eval()
 
+def as_input(images):
+    """uint8 (N,28,28) grey or (N,3,28,28) -> float (N,3,28,28) in [0,1], channels-last."""
+    x = images.float().div_(255)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x
+    return x.contiguous(memory_format=torch.channels_last)
 
-# =======================================================================================
-# Losses and schedules (Section 5.2.2), and one training step
-# =======================================================================================
-def learning_rate(p, lr0=0.01):
-    """lr_p = mu_0 / (1 + 10 p)^0.75, p = training progress in [0, 1]."""
-    return lr0 / (1 + 10 * p) ** 0.75
+def pixel_mean(data):
+    """One per-channel mean of both domains' training images."""
+    grey = data["source_train"].double().mean() / 255
+    colour = data["target_train"].double().mean(dim=(0, 2, 3)) / 255
+    n_s, n_t = len(data["source_train"]), len(data["target_train"])
+    return ((n_s * grey + n_t * colour) / (n_s + n_t)).float().cpu().tolist()
 
+# --- Losses and schedules (Section 5.2.2), one training step
+def learning_rate(p):  # p: the training progress, 0 -> 1
+    return LR / (1 + 10 * p) ** 0.75
 
 def adaptation_lambda(p):
-    """lambda_p = 2 / (1 + exp(-10 p)) - 1: 0 at the start, towards 1 at the end."""
     return 2 / (1 + math.exp(-10 * p)) - 1
 
-
 def dann_losses(model, source, source_labels, target, lambda_):
-    """Label loss on the source half; domain loss (logistic, source 0 / target 1) on both halves
-    through the gradient reversal layer; and the domain classifier's accuracy."""
+    """Source label loss; domain loss (logistic, source 0) through the GRL; domain accuracy."""
     features = model.features(torch.cat([source, target]))
     label_loss = F.cross_entropy(model.label_predictor(features[:len(source)]), source_labels)
     domain = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).to(features.device)
-    logits = model.domain_logits(features, lambda_)
+    logits = model.domain_classifier(common.grad_reverse(features, lambda_)).squeeze(1)
     domain_loss = F.binary_cross_entropy_with_logits(logits, domain)
-    domain_accuracy = ((logits > 0).float() == domain).float().mean()
-    return label_loss, domain_loss, domain_accuracy
-
+    return label_loss, domain_loss, ((logits > 0).float() == domain).float().mean()
 
 def dann_step(model, optimizer, source, source_labels, target, lambda_):
-    """One SGD step of DANN on a batch: labelled source images, unlabelled target images (float
-    (N,3,28,28) in [0,1], see as_input). Returns the label loss, the domain loss and the domain
-    classifier's accuracy on the batch; a NaN or infinite loss stops before the update."""
-    label_loss, domain_loss, domain_accuracy = dann_losses(model, source, source_labels, target,
-                                                           lambda_)
+    """One SGD step of DANN on labelled source and unlabelled target images (as_input)."""
+    label_loss, domain_loss, accuracy = dann_losses(model, source, source_labels, target, lambda_)
     check_finite(label_loss, "DANN label loss")
     check_finite(domain_loss, "DANN domain loss")
     optimizer.zero_grad(set_to_none=True)
     (label_loss + domain_loss).backward()
     optimizer.step()
-    return label_loss.item(), domain_loss.item(), domain_accuracy.item()
-
+    return label_loss.item(), domain_loss.item(), accuracy.item()
 
 def supervised_step(model, optimizer, images, labels, what):
-    """One SGD step on labelled images of one domain (source only, train on target)."""
     label_loss = F.cross_entropy(model(images), labels)
     check_finite(label_loss, f"{what} label loss")
     optimizer.zero_grad(set_to_none=True)
@@ -594,46 +143,96 @@ def supervised_step(model, optimizer, images, labels, what):
     optimizer.step()
     return label_loss.item()
 
-
-# =======================================================================================
-# Training: one loop for the three models
-# =======================================================================================
+# --- Training: one loop for the three models
 def epoch_batches(n, batch_size, steps, seed, epoch, stream):
-    """(steps, batch_size) indices: a fresh permutation each epoch (repeated if the set is
-    smaller than an epoch needs), from a generator of (seed, epoch, stream) so a resumed run
-    sees the same batches."""
+    """(steps, batch_size) indices of fresh permutations, seeded by (seed, epoch, stream)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + stream)
-    repeats = math.ceil(steps * batch_size / n)
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])
+    order = torch.cat([torch.randperm(n, generator=generator)
+                       for _ in range(math.ceil(steps * batch_size / n))])
     return order[:steps * batch_size].view(steps, batch_size)
 
+def train_epoch(name, model, optimizer, data, args, epoch):
+    images, labels = data[f"{DOMAIN[name]}_train"], data[f"{DOMAIN[name]}_train_labels"]
+    steps = len(images) // args.batch_size
+    batches = epoch_batches(len(images), args.batch_size, steps, args.seed, epoch, 0)
+    targets = epoch_batches(len(data["target_train"]), args.batch_size, steps, args.seed, epoch,
+                            1).to(images.device) if name == "dann" else None
+    batches, sums = batches.to(images.device), np.zeros(3)
+    model.train()
+    for i in range(steps):
+        p = (epoch * steps + i) / (steps * args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(p)
+        source, source_labels = as_input(images[batches[i]]), labels[batches[i]]
+        if name == "dann":
+            sums += dann_step(model, optimizer, source, source_labels,
+                              as_input(data["target_train"][targets[i]]), adaptation_lambda(p))
+        else:
+            sums[0] += supervised_step(model, optimizer, source, source_labels, TITLES[name])
+    means, progress = sums / steps, (epoch + 1) / args.epochs
+    record = {"epoch": epoch + 1, "label_loss": means[0], "lr": learning_rate(progress)}
+    if name == "dann":
+        record.update(domain_loss=means[1], domain_accuracy=means[2],
+                      **{"lambda": adaptation_lambda(progress)})
+    return record, steps
 
+def train_all(args, data, device, resumed, fingerprint):
+    """Every model, validated after each epoch, saved after each so that --resume continues."""
+    settings, mean = common.settings_of(args, exclude=WHERE), pixel_mean(data)
+    done, progress = resumed.get("done", {}), resumed.get("in_progress", {})
+    path, trained = os.path.join(args.out, STATE), {}
+    for name in sorted(args.models, key=TRAIN_ORDER.index):
+        weights = os.path.join(args.out, f"{name}.pt")
+        if name in done:
+            trained[name] = (load_model(weights).to(device), done[name])
+            continue
+        common.seed_everything(args.seed)
+        model = DANNNet(mean).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        record = {"model": name, "seed": args.seed, "epochs": args.epochs, "history": [],
+                  "train_seconds": 0.0, "steps": 0}
+        if progress.get("name") == name:
+            common.load_weights(model, progress, "the training state")
+            optimizer.load_state_dict(progress["optimizer"])
+            record = progress["record"]
+        for epoch in range(len(record["history"]), args.epochs):
+            start = time.perf_counter()
+            epoch_record, steps = train_epoch(name, model, optimizer, data, args, epoch)
+            record["train_seconds"] += time.perf_counter() - start
+            record["steps"] += steps
+            epoch_record.update(validation_accuracies(model, data, with_domain=name == "dann"))
+            record["history"].append(epoch_record)
+            print(f"[{name}] " + ", ".join(f"{k} {v:.4g}" for k, v in epoch_record.items()),
+                  flush=True)
+            common.save_training_state(path, settings, fingerprint, done=done, in_progress={
+                "name": name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "record": record})
+            note_saved(f"epoch {epoch + 1} of {args.epochs} of {TITLES[name]} is saved in "
+                       f"{path}; continue with --resume")
+        common.save_checkpoint(weights, KINDS[name], {**settings, "model": name, "mean": mean},
+                               model, record=record)
+        done[name], trained[name] = record, (model, record)
+        common.save_training_state(path, settings, fingerprint, done=done)
+        note_saved(f"{', '.join(done)} are saved in {args.out}/; continue with --resume")
+    return {name: trained[name] for name in MODELS if name in trained}
+
+# --- Evaluation: validation every epoch; Table 2 once, after training
 @torch.no_grad()
 def embed(model, images, what="features", batch=1000):
     model.eval()
     fn = {"features": model.features, "hidden": model.last_hidden, "logits": model}[what]
     return torch.cat([fn(as_input(images[i:i + batch])) for i in range(0, len(images), batch)])
 
-
 def predict(model, images):
     return embed(model, images, "logits").argmax(1).cpu()
 
-
-def accuracy(model, images, labels):
-    return float((predict(model, images) == labels.cpu()).float().mean())
-
-
 @torch.no_grad()
 def validation_accuracies(model, data, with_domain):
-    """On the held-out labelled images: MNIST validation accuracy, MNIST-M validation accuracy
-    (an oracle: unsupervised adaptation has no target labels) and, for DANN, the domain
-    classifier's accuracy on the two validation sets together."""
+    """Validation accuracies (MNIST-M's is an oracle) and DANN's domain accuracy."""
     source, target = embed(model, data["source_val"]), embed(model, data["target_val"])
-    result = {}
-    for domain, features in (("source", source), ("target", target)):
-        predicted = model.label_predictor(features).argmax(1)
-        result[f"{domain}_val_accuracy"] = float(
-            (predicted == data[f"{domain}_val_labels"]).float().mean())
+    result = {f"{d}_val_accuracy": float((model.label_predictor(f).argmax(1)
+                                          == data[f"{d}_val_labels"]).float().mean())
+              for d, f in (("source", source), ("target", target))}
     if with_domain:
         logits = model.domain_classifier(torch.cat([source, target])).squeeze(1)
         truth = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).to(logits.device)
@@ -641,682 +240,525 @@ def validation_accuracies(model, data, with_domain):
     model.train()
     return result
 
-
-def train_epoch(name, model, optimizer, data, args, seed, epoch):
-    """One pass over the labelled training set; returns the mean losses of its steps."""
-    labelled = "target" if name == "target_only" else "source"
-    images, labels = data[f"{labelled}_train"], data[f"{labelled}_train_labels"]
-    steps = len(images) // args.batch_size
-    batches = epoch_batches(len(images), args.batch_size, steps, seed, epoch, 0).to(images.device)
-    if name == "dann":
-        target_batches = epoch_batches(len(data["target_train"]), args.batch_size, steps, seed,
-                                       epoch, 1).to(images.device)
-    sums = np.zeros(3)
-    model.train()
-    for i in range(steps):
-        p = (epoch * steps + i) / (steps * args.epochs)  # training progress, 0 -> 1
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(p, args.lr)
-        source, source_labels = as_input(images[batches[i]]), labels[batches[i]]
-        if name == "dann":
-            target = as_input(data["target_train"][target_batches[i]])
-            sums += dann_step(model, optimizer, source, source_labels, target, adaptation_lambda(p))
-        else:
-            sums[0] += supervised_step(model, optimizer, source, source_labels, MODEL_TITLES[name])
-    means = sums / steps
-    progress = (epoch + 1) / args.epochs
-    record = {"epoch": epoch + 1, "label_loss": means[0], "lr": learning_rate(progress, args.lr)}
-    if name == "dann":
-        record.update(domain_loss=means[1], domain_accuracy=means[2],
-                      **{"lambda": adaptation_lambda(progress)})
-    return record, steps
-
-
-def train_model(name, seed, data, args, device, mean, progress, save_progress):
-    """Train one model for args.epochs epochs, from `progress` (a saved state) when given.
-    After every epoch: the validation accuracies, then save_progress(state). Returns the model
-    and its record (history, seconds, images/s)."""
-    seed_everything(seed)
-    model = DANNNet(mean).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    record = {"model": name, "seed": seed, "epochs": args.epochs, "history": [],
-              "train_seconds": 0.0, "validation_seconds": 0.0, "steps": 0,
-              "images_per_step": args.batch_size * (2 if name == "dann" else 1)}
-    if progress is not None:
-        load_weights(model, progress, "the training state")
-        optimizer.load_state_dict(progress["optimizer"])
-        record = progress["record"]
-        print(f"[{name} seed {seed}] resuming after epoch {len(record['history'])}", flush=True)
-    for epoch in range(len(record["history"]), args.epochs):
-        start = time.perf_counter()
-        epoch_record, steps = train_epoch(name, model, optimizer, data, args, seed, epoch)
-        record["train_seconds"] += time.perf_counter() - start
-        record["steps"] += steps
-        start = time.perf_counter()
-        epoch_record.update(validation_accuracies(model, data, with_domain=name == "dann"))
-        record["validation_seconds"] += time.perf_counter() - start
-        record["history"].append(epoch_record)
-        print(f"[{name} seed {seed}] " + ", ".join(
-            f"{key} {value:.4g}" for key, value in epoch_record.items()), flush=True)
-        save_progress(model=model.state_dict(), optimizer=optimizer.state_dict(), record=record)
-        note_saved(f"epoch {epoch + 1} of {args.epochs} of {MODEL_TITLES[name]} seed {seed} is "
-                   f"saved in {training_state_path(args.out)}; continue with --resume")
-    record["images_per_second"] = (record["steps"] * record["images_per_step"]
-                                   / max(record["train_seconds"], 1e-9))
-    return model, record
-
-
-def training_state_path(out):
-    return os.path.join(out, "training_state.pt")
-
-
-def weights_path(out, name, seed, first_seed):
-    return os.path.join(out, f"{name}.pt" if seed == first_seed else f"{name}_seed{seed}.pt")
-
-
-def train_all(args, data, device, mean, resumed):
-    """Train every (model, seed) of the run, the headline model first. Each finished model's
-    weights are written at once; training_state.pt holds the finished models and the epochs of
-    the one in progress, so --resume continues exactly. Returns {(name, seed): (model, record)}."""
-    state_path = training_state_path(args.out)
-    settings = training_settings(args, exclude=NOT_TRAINING)
-    finished = resumed["finished"] if resumed else {}
-    in_progress = resumed.get("in_progress") if resumed else None
-    trained = {}
-    for name in sorted(args.models, key=TRAIN_ORDER.index):
-        for seed in range(args.seed, args.seed + args.seeds):
-            key, path = f"{name}_seed{seed}", weights_path(args.out, name, seed, args.seed)
-            if key in finished:
-                trained[(name, seed)] = (load_model(path).to(device), finished[key])
-                continue
-            progress = in_progress if in_progress and in_progress["key"] == key else None
-
-            def save_progress(**state):
-                save_training_state(state_path, settings, finished=finished,
-                                    in_progress={"key": key, **state})
-
-            model, record = train_model(name, seed, data, args, device, mean, progress,
-                                        save_progress)
-            hparams = {**settings, "model": name, "seed": seed, "mean": mean}
-            save_checkpoint(path, KINDS[name], hparams, model, record=record)
-            finished[key] = record
-            save_training_state(state_path, settings, finished=finished, in_progress=None)
-            note_saved(f"the weights of {', '.join(finished)} are saved in {args.out}/; "
-                       f"continue with --resume")
-            trained[(name, seed)] = (model, record)
-    return dict(sorted(trained.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1])))
-
-
-# =======================================================================================
-# Evaluation, once, after training: Table 2 and the linear SVM on the last hidden layer
-# =======================================================================================
-def svm_retrain(model, train_images, train_labels, tests, size, seed=0):
-    """Retrain the last layer as the paper did: a linear SVM (standardised 100-d inputs,
-    C = 1) on `size` labelled training images; returns the test accuracies."""
+def svm_retrain(model, images, labels, tests, size):
+    """The paper's last layer: a linear SVM (C = 1) on standardised last hidden features."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
-
-    index = torch.from_numpy(subsample(len(train_images), size, seed)).to(train_images.device)
+    index = torch.from_numpy(subsample(len(images), size, 0)).to(images.device)
     svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=5000, random_state=0))
-    svm.fit(embed(model, train_images[index], "hidden").cpu().numpy(),
-            train_labels[index].cpu().numpy())
-    return {domain: float(np.mean(svm.predict(embed(model, images, "hidden").cpu().numpy())
-                                  == labels.cpu().numpy()))
-            for domain, (images, labels) in tests.items()}
+    svm.fit(embed(model, images[index], "hidden").cpu().numpy(), labels[index].cpu().numpy())
+    return {f"{d}_test": float(np.mean(svm.predict(embed(model, x, "hidden").cpu().numpy())
+                                       == y.cpu().numpy())) for d, (x, y) in tests.items()}
 
-
-def evaluate(name, model, data, args):
-    """MNIST and MNIST-M test accuracy of the network, and with --svm-retrain of the SVM."""
+def evaluate(trained, data, args):
+    """Table 2: test accuracy of each network, and of its SVM last layer."""
     tests = {"mnist": (data["source_test"], data["source_test_labels"]),
              "mnistm": (data["target_test"], data["target_test_labels"])}
-    result = {f"{domain}_test_accuracy": accuracy(model, images, labels)
-              for domain, (images, labels) in tests.items()}
-    if args.svm_retrain:
-        labelled = "target" if name == "target_only" else "source"
-        svm = svm_retrain(model, data[f"{labelled}_train"], data[f"{labelled}_train_labels"],
-                          tests, args.svm_train_size)
-        result.update({f"svm_{domain}_test_accuracy": value for domain, value in svm.items()})
-    return result
-
-
-def summarize(values):
-    values = np.asarray(values, dtype=float)
-    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(values.mean()), "std": std, "n": int(len(values)),
-            "values": [float(v) for v in values]}
-
-
-def summarize_runs(runs):
-    """{model: {accuracy name: mean, std, n, values}} over the seeds of each model."""
-    summary = {}
-    for name in MODELS:
-        rows = [r for r in runs if r["model"] == name]
-        if rows:
-            summary[name] = {key: summarize([r[key] for r in rows]) for key in rows[0]
-                             if key.endswith("test_accuracy")}
-    return summary
-
-
-def headline_numbers(metrics):
-    """The numbers --eval-only recomputes, keyed by model and seed."""
-    numbers = {f"{r['model']}_seed{r['seed']}": {k: v for k, v in r.items()
-                                                  if k.endswith("test_accuracy")}
-               for r in metrics["runs"]}
-    numbers["figure5_domain_knn_accuracy"] = metrics.get("figure5_domain_knn_accuracy", {})
-    return numbers
-
+    results = {"softmax": {}, **({"svm": {}} if args.svm_retrain else {})}
+    for name, (model, _) in trained.items():
+        results["softmax"][name] = {f"{d}_test": float((predict(model, x) == y.cpu()).float()
+                                                       .mean()) for d, (x, y) in tests.items()}
+        if args.svm_retrain:
+            results["svm"][name] = svm_retrain(model, data[f"{DOMAIN[name]}_train"], data[
+                f"{DOMAIN[name]}_train_labels"], tests, args.svm_train_size)
+        print(f"[{name}] test: " + ", ".join(f"{c} {k} {r[name][k]:.4f}"
+                                             for c, r in results.items() for k in r[name]))
+    return results
 
 def domain_mixing(features, domains):
-    """How separable the two domains are in a feature space: 5-fold cross-validated accuracy of
-    a 5-nearest-neighbour domain classifier (0.5 = fully mixed, 1.0 = fully separated)."""
+    """5-fold accuracy of a 5-nearest-neighbour domain classifier (0.5: mixed)."""
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
-
     folds = int(min(5, np.bincount(domains).min()))
-    if folds < 2:
-        return None
     return float(cross_val_score(KNeighborsClassifier(5), features, domains, cv=folds).mean())
 
-
-def first_epoch_near_best(history, key="target_val_accuracy", tolerance=EPOCH_TOLERANCE):
-    """(best value, its epoch, the first epoch within `tolerance` of it) of a history."""
+def first_epoch_near_best(history, key="target_val_accuracy"):
+    """(best value, its epoch, the first epoch within EPOCH_TOLERANCE of it)."""
     best = max(history, key=lambda h: h[key])
-    near = next(h["epoch"] for h in history if h[key] >= best[key] - tolerance)
-    return best[key], best["epoch"], near
+    return best[key], best["epoch"], next(h["epoch"] for h in history
+                                          if h[key] >= best[key] - EPOCH_TOLERANCE)
 
+# --- Checks: the run's judgements, on the numbers where they are measured
+def checks_of(results, training, data):
+    svm = "svm" in results
+    label = "SVM last layer" if svm else "softmax"
+    acc = {n: r["mnistm_test"] for n, r in results["svm" if svm else "softmax"].items()}
+    mix = results.get("figure5_domain_knn_accuracy", {})
+    gain, mixed = (d.get("dann", 0) - d.get("source_only", 0) for d in (acc, mix))
+    official = data.get("bsds_matches_official_release")
+    history = (training.get("dann") or {}).get("history")
+    last = history[-1]["val_domain_accuracy"] if history else None
+    rows = [("BSDS500 photos are the official release", official, "fingerprint", official,
+             data.get("kind", "").startswith("built")),
+            (f"{label}: DANN minus source only, MNIST-M test", gain, "> 0", gain > 0, len(acc) > 1),
+            (f"{label}: DANN, MNIST-M test, against the paper", acc.get("dann"),
+             f">= {PAPER['dann']}", acc.get("dann", 0) >= PAPER["dann"], "dann" in acc and svm),
+            ("Figure 5: domain kNN accuracy, DANN minus source only", mixed, "<= -0.1",
+             mixed <= -0.1, len(mix) == 2),
+            ("DANN domain classifier, validation images, last epoch", last,
+             "< 0.75 (chance 0.5)", bool(history) and last < 0.75, bool(history))]
+    return [check(*row[:4]) for row in rows if row[4]]
 
-# =======================================================================================
-# Figures
-# =======================================================================================
+# --- Figures
 def plot_mnistm_samples(data, path, n=12):
-    """MNIST digits above their MNIST-M versions, for the train and the test split."""
     import matplotlib.pyplot as plt
-
-    rows = [as_input(data["source_train"][:n]), as_input(data["target_train"][:n]),
-            as_input(data["source_test"][:n]), as_input(data["target_test"][:n])]
-    if len(data["source_train"]) != len(data["target_train"]):  # official set: not paired
-        rows = rows[1::2]
-    fig, ax = plt.subplots(figsize=(n * 0.6, len(rows) * 0.7))
-    ax.imshow(image_grid(torch.cat(rows).cpu(), nrow=n))
+    rows = [as_input(data[f"{d}_{s}"][:n]) for s in ("train", "test") for d in ("source", "target")]
+    fig, ax = plt.subplots(figsize=(n * 0.6, 2.8))
+    ax.imshow(common.image_grid(torch.cat(rows).cpu(), nrow=n))
     ax.set_axis_off()
-    ax.set_title("rows: MNIST train, MNIST-M train, MNIST test, MNIST-M test" if len(rows) == 4
-                 else "rows: MNIST-M train, MNIST-M test", fontsize=8)
-    save_figure(fig, path)
+    ax.set_title("rows: MNIST train, MNIST-M train, MNIST test, MNIST-M test", fontsize=8)
+    common.save_figure(fig, path)
 
-
-def plot_figure5(embeddings, domains, digits, path_domain, path_digits):
-    """Figure 5: t-SNE of the 768-d features, blue = MNIST (source), red = MNIST-M (target),
-    (a) non-adapted, (b) adapted; and the same points coloured by digit."""
-    import matplotlib.pyplot as plt
-
-    for path, labels, names, colors in (
-            (path_domain, domains, ["MNIST (source)", "MNIST-M (target)"], ["blue", "red"]),
-            (path_digits, digits, [str(d) for d in range(10)], None)):
-        fig, axes = plt.subplots(1, len(embeddings), figsize=(6 * len(embeddings), 5.6),
-                                 squeeze=False)
-        for ax, (letter, (name, embedding)) in zip(axes[0], zip("abc", embeddings.items())):
-            scatter_by_label(ax, embedding, labels, names, colors,
-                             f"({letter}) {MODEL_TITLES[name]}", size=7)
-        save_figure(fig, path)
-
+CURVES = [("label_loss", "label loss (training batches)"),
+          ("domain_accuracy", "domain classifier accuracy\n(training batches; dashed: validation)"),
+          ("source_val_accuracy", "MNIST validation accuracy"),
+          ("target_val_accuracy", "MNIST-M validation accuracy (oracle)")]
+COLOURS = {"source_only": "tab:blue", "dann": "tab:red", "target_only": "tab:green"}
 
 def plot_curves(records, path):
-    """Per epoch: label loss and (DANN) domain-classifier accuracy on the training batches and
-    on the validation images, and the MNIST and MNIST-M validation accuracies."""
+    """Per epoch: the label loss, DANN's domain-classifier accuracy (dashed: on the validation
+    images) and the MNIST and MNIST-M validation accuracies."""
     import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    colors = {"source_only": "tab:blue", "dann": "tab:red", "target_only": "tab:green"}
-    panels = [("label_loss", "label loss (training batches)"),
-              ("domain_accuracy", "domain classifier accuracy\n(training batches; dashed: validation)"),
-              ("source_val_accuracy", "MNIST validation accuracy"),
-              ("target_val_accuracy", "MNIST-M validation accuracy (oracle)")]
-    for ax, (key, title) in zip(axes, panels):
-        for record in records:
-            first = record["seed"] == min(r["seed"] for r in records if r["model"] == record["model"])
+    for ax, (key, title) in zip(axes, CURVES):
+        for name in [n for n in MODELS if n in records]:  # the legend's order
             for k, style in ((key, "-"), ("val_domain_accuracy", "--")):
-                points = [(h["epoch"], h[k]) for h in record["history"] if h.get(k) is not None]
+                points = [(h["epoch"], h[k]) for h in records[name]["history"]
+                          if h.get(k) is not None]
                 if points and (style == "-" or key == "domain_accuracy"):
-                    ax.plot(*zip(*points), style, marker="o", ms=3, color=colors[record["model"]],
-                            alpha=1.0 if first else 0.35,
-                            label=MODEL_TITLES[record["model"]] if first and style == "-" else None)
+                    ax.plot(*zip(*points), style, marker="o", ms=3, color=COLOURS[name],
+                            label=TITLES[name] if style == "-" else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[1].axhline(0.5, color="grey", ls=":", lw=0.8)
-    save_figure(fig, path)
-
+    common.save_figure(fig, path)
 
 def draw_figures(trained, data, args, folder):
-    """MNIST-M samples, Figure 5 (first seed of source only and DANN), training curves and
-    MNIST-M test confusion matrices, into `folder`. Returns the figure names and Figure 5's
-    domain mixing."""
-    figures, mixing = {"samples": "mnistm_samples.png"}, {}
-    plot_mnistm_samples(data, os.path.join(folder, figures["samples"]))
-    first = {}
-    for (name, _), (model, _) in trained.items():
-        first.setdefault(name, model)
-    adapted = [n for n in ("source_only", "dann") if n in first]
-    if adapted:
-        source = torch.from_numpy(subsample(len(data["source_test"]), args.tsne_points, 0))
-        target = torch.from_numpy(subsample(len(data["target_test"]), args.tsne_points, 1))
-        domains = np.r_[np.zeros(len(source), int), np.ones(len(target), int)]
-        digits = np.r_[data["source_test_labels"].cpu()[source].numpy(),
-                       data["target_test_labels"].cpu()[target].numpy()]
-        embeddings = {}
-        for name in adapted:
-            features = torch.cat([embed(first[name], data["source_test"][source.to(data["source_test"].device)]),
-                                  embed(first[name], data["target_test"][target.to(data["target_test"].device)])]).cpu().numpy()
-            embeddings[name] = tsne_embed(features, seed=0)
-            mixing[name] = domain_mixing(features, domains)
-        figures["figure5_domain"] = "figure5_tsne_domain.png"
-        figures["figure5_digits"] = "figure5_tsne_digits.png"
-        plot_figure5(embeddings, domains, digits, os.path.join(folder, figures["figure5_domain"]),
-                     os.path.join(folder, figures["figure5_digits"]))
-    records = [record for _, record in trained.values() if record and record.get("history")]
-    if records:
-        figures["curves"] = "training_curves.png"
-        plot_curves(records, os.path.join(folder, figures["curves"]))
-    figures["confusion"] = {}
-    for name, model in first.items():
-        confusion = classification_metrics(data["target_test_labels"].cpu().numpy(),
-                                           predict(model, data["target_test"]).numpy(),
-                                           [str(d) for d in range(10)])
-        figures["confusion"][name] = f"confusion_mnistm_{name}.png"
-        plot_confusion_matrix(confusion, os.path.join(folder, figures["confusion"][name]),
-                              f"{MODEL_TITLES[name]} on MNIST-M test")
-    return figures, mixing
+    """Every figure; Figure 5's domain mixing."""
+    import matplotlib.pyplot as plt
+    plot_mnistm_samples(data, os.path.join(folder, "mnistm_samples.png"))
+    picks = {d: subsample(len(data[f"{d}_test"]), args.tsne_points, seed)
+             for seed, d in enumerate(("source", "target"))}
+    domains = np.r_[np.zeros(len(picks["source"]), int), np.ones(len(picks["target"]), int)]
+    digits = np.r_[tuple(data[f"{d}_test_labels"].cpu().numpy()[i] for d, i in picks.items())]
+    embeddings, mixing = {}, {}
+    for name in [n for n in ("source_only", "dann") if n in trained]:
+        features = torch.cat([embed(trained[name][0], data[f"{d}_test"][torch.from_numpy(i).to(
+            data[f"{d}_test"].device)]) for d, i in picks.items()]).cpu().numpy()
+        embeddings[name] = common.tsne_embed(features, seed=0)
+        mixing[name] = domain_mixing(features, domains)
+    figure5 = [("domain", domains, ["MNIST (source)", "MNIST-M (target)"], ["blue", "red"]),
+               ("digits", digits, list("0123456789"), None)]
+    for file, values, names, colors in figure5 if embeddings else []:  # (a), (b) per model
+        fig, axes = plt.subplots(1, len(embeddings), figsize=(6 * len(embeddings), 5.6),
+                                 squeeze=False)
+        for ax, letter, (name, xy) in zip(axes[0], "ab", embeddings.items()):
+            common.scatter_by_label(ax, xy, values, names, colors, f"({letter}) {TITLES[name]}",
+                                    size=7)
+        common.save_figure(fig, os.path.join(folder, f"figure5_tsne_{file}.png"))
+    if records := {name: record for name, (_, record) in trained.items() if record}:
+        plot_curves(records, os.path.join(folder, "training_curves.png"))
+    for name, (model, _) in trained.items():
+        common.plot_confusion_matrix(common.classification_metrics(
+            data["target_test_labels"].cpu().numpy(), predict(model, data["target_test"]).numpy(),
+            list("0123456789")), os.path.join(folder, f"confusion_mnistm_{name}.png"),
+            f"{TITLES[name]} on MNIST-M test")
+    return mixing
 
+# --- The report: a template filled from metrics.json and runs/*/metrics.json
+REPORT = """# Question 3.2: DANN from MNIST to MNIST-M (Ganin et al., JMLR 2016, Section 5.2)
 
-# =======================================================================================
-# Report: a template filled from metrics.json (and the runs kept in runs/)
-# =======================================================================================
-def cell(summary):
-    if summary is None:
-        return "—"
-    if summary["n"] == 1:
-        return f"{summary['mean']:.4f}"
-    return f"{summary['mean']:.4f} ± {summary['std']:.4f} (n={summary['n']})"
+Command: `{command}`  
+Machine: {machine[description]}
+{warnings}
+## Table 2: test accuracy, this run (seed {settings[seed]}, {settings[epochs]} epochs)
 
+| method | MNIST, softmax | MNIST-M, softmax | MNIST, SVM | MNIST-M, SVM | MNIST-M, paper (SVM) |
+|---|---|---|---|---|---|
+{table}
 
-def table2(summary, with_svm):
-    keys = ["mnist_test_accuracy", "mnistm_test_accuracy"]
-    head = ["Method", "MNIST test (ours)", "MNIST-M test (ours)"]
-    if with_svm:
-        keys += ["svm_mnist_test_accuracy", "svm_mnistm_test_accuracy"]
-        head += ["MNIST test (ours, SVM last layer)", "MNIST-M test (ours, SVM last layer)"]
-    head += ["MNIST-M (paper, JMLR 2016, Table 2)", "MNIST-M (paper, ICML 2015)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in MODELS:
-        if name in summary:
-            cells = [MODEL_TITLES[name]] + [cell(summary[name].get(k)) for k in keys]
-            cells += [f"{PAPER[name]:.4f}", f"{PAPER_ICML2015[name]:.4f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+Paper: Ganin et al. (2016), Table 2, Section 5.2 (pp. 20-24), the last layer of every method \
+retrained by a linear SVM. SVM here: LinearSVC (C = 1) on the standardised input of the last \
+layer, fitted on {settings[svm_train_size]} labelled training images of the model ("-": not \
+run); softmax: the network's own output. What differs: MNIST-M here is {data[kind]}; \
+{settings[epochs]} epochs, a count set on MNIST-M validation labels (below), which the paper's \
+unsupervised protocol does not have. The table is one training run.
 
+Like with like, the {column} column against the paper's: DANN gains {gain} over source only \
+(paper {paper_gain}) and closes {closed} of the gap to train on target (paper {paper_closed}).
 
-def runs_table(runs):
-    lines = ["| model | seed | epochs | MNIST test | MNIST-M test | MNIST-M test (SVM) | final MNIST-M "
-             "validation | training s | validation s | images/s |", "|" + "---|" * 10]
-    for r in runs:
-        t = r["training"]
-        svm = f"{r['svm_mnistm_test_accuracy']:.4f}" if "svm_mnistm_test_accuracy" in r else "—"
-        lines.append(f"| {MODEL_TITLES[r['model']]} | {r['seed']} | {t['epochs']} | "
-                     f"{r['mnist_test_accuracy']:.4f} | {r['mnistm_test_accuracy']:.4f} | {svm} | "
-                     f"{t['history'][-1]['target_val_accuracy']:.4f} | {t['train_seconds']:.0f} | "
-                     f"{t['validation_seconds']:.0f} | {t['images_per_second']:.0f} |")
-    return lines
+## Checks
 
+{checks}
 
-def epoch_choice_section(runs_here, epochs):
-    """The validation run that set the default epoch count: its per-epoch table and the
-    count it points to, beside this run's count."""
-    choice = dict(runs_here).get(EPOCH_CHOICE_RUN)
-    if choice is None:
-        return [f"No validation run is kept in runs/{EPOCH_CHOICE_RUN}/ beside this result.", ""]
-    record = next(r["training"] for r in choice["runs"] if r["model"] == "dann")
-    history = record["history"]
-    best, best_epoch, near = first_epoch_near_best(history)
-    source_best = max(history, key=lambda h: h["source_val_accuracy"])
-    domain_low = min(history, key=lambda h: h["val_domain_accuracy"])
-    lines = [f"One DANN run (seed {record['seed']}, {record['epochs']} epochs, "
-             f"`{shown_command(choice['command'])}`) watched the held-out validation images after every epoch:", "",
-             "| epoch | lr_p | lambda_p | domain acc. (training batches) | domain acc. (validation) "
-             "| MNIST validation | MNIST-M validation (oracle) |", "|" + "---|" * 7]
-    lines += [f"| {h['epoch']} | {h['lr']:.5f} | {h['lambda']:.3f} | {h['domain_accuracy']:.3f} | "
-              f"{h['val_domain_accuracy']:.3f} | {h['source_val_accuracy']:.4f} | "
-              f"{h['target_val_accuracy']:.4f} |" for h in history]
-    ending = (f"after epoch {near} it gains less than {EPOCH_TOLERANCE}" if near < len(history)
-              else "the curve comes within that distance only at the last epoch, so it had not "
-                   "levelled off: the count is bounded by the run's length, not by the curve")
-    lines += ["", f"Its best MNIST-M validation accuracy is {best:.4f} (epoch {best_epoch}); the "
-              f"first epoch within {EPOCH_TOLERANCE} of it is epoch {near}: {ending}. lr_p and "
-              f"lambda_p follow the progress p of the whole run, so epoch {near} of this run is "
-              f"not a run of {near} epochs; the curve says where more training stops paying. "
-              f"This run trains {epochs} epochs, "
-              + ("the count this validation run points to." if epochs == near
-                 else f"not the {near} this validation run points to.")
-              + f" The validation run's own MNIST-M test accuracy, evaluated once after its "
-              f"training: {choice['runs'][0]['mnistm_test_accuracy']:.4f}.",
-              "", f"Without target labels one can only watch the other two columns (a low source "
-              f"error and a high domain-classifier error are the signs of adaptation): the MNIST "
-              f"validation accuracy peaks at epoch {source_best['epoch']} "
-              f"({source_best['source_val_accuracy']:.4f}), and the domain classifier is weakest on "
-              f"the validation images at epoch {domain_low['epoch']} "
-              f"({domain_low['val_domain_accuracy']:.3f}; 0.5 is chance).", ""]
-    return lines
+## The epoch count was set on target labels
 
+{epoch_choice}
 
-def other_runs_section(runs_here, metrics):
-    if not runs_here:
-        return []
-    lines = ["## Other runs kept beside this result", "",
-             "| run | command | model, seed: MNIST-M test (SVM) | epochs | wall time |", "|---|---|---|---|---|"]
-    for name, kept in runs_here:
-        results = "; ".join(
-            f"{MODEL_TITLES[r['model']]} {r['seed']}: {r['mnistm_test_accuracy']:.4f}"
-            + (f" ({r['svm_mnistm_test_accuracy']:.4f})" if "svm_mnistm_test_accuracy" in r else "")
-            for r in kept["runs"])
-        lines.append(f"| runs/{name} | `{shown_command(kept['command'])}` | {results} | "
-                     f"{kept['settings']['epochs']} | {kept['timings']['total_seconds'] / 60:.1f} min |")
-    return lines + [""] + dann_seeds(metrics, runs_here)
+## Other runs
 
+{runs}
 
-def dann_seeds(metrics, runs_here):
-    """Mean and spread of DANN over the seeds trained with this run's epoch count, here and in
-    the kept runs (like with like: the same settings, other seeds)."""
-    epochs = metrics["settings"]["epochs"]
-    rows = [r for m in [metrics] + [m for _, m in runs_here] for r in m["runs"]
-            if r["model"] == "dann" and r["training"]["epochs"] == epochs]
-    if len(rows) < 2:
-        return []
-    lines = []
-    for key, what in (("mnistm_test_accuracy", "softmax"), ("svm_mnistm_test_accuracy", "SVM last layer")):
-        if all(key in r for r in rows):
-            lines.append(f"{what} {cell(summarize([r[key] for r in rows]))}")
-    return [f"DANN with this run's {epochs} epochs, seeds {', '.join(str(r['seed']) for r in rows)}: "
-            f"MNIST-M test accuracy " + "; ".join(lines) + " (mean ± standard deviation).", ""]
+## MNIST-M, Figure 5, training curves, confusion matrices (MNIST-M test)
 
+MNIST-M {data[target_train]} train / {data[target_val]} validation / {data[target_test]} test, \
+MNIST {data[source_train]} / {data[source_val]} / {data[source_test]}; validation images are \
+held out of training (the same digits in both domains); the test sets are scored once, after \
+training. Figure 5: t-SNE of the 768-d features of {settings[tsne_points]} test images per \
+domain (blue MNIST, red MNIST-M); a 5-nearest-neighbour domain classifier on them (5-fold, 0.5 = \
+mixed) scores {mixing}.
 
-def observations(metrics):
-    """Sentences against the paper, each computed from this run's numbers. The paper's Table 2
-    retrained every last layer with a linear SVM: with --svm-retrain, that column is compared."""
-    summary = metrics["summary"]
+![samples](mnistm_samples.png)
+![Figure 5 by domain](figure5_tsne_domain.png)
+![Figure 5 by digit](figure5_tsne_digits.png)
+![training curves](training_curves.png)
+![source only](confusion_mnistm_source_only.png)
+![DANN](confusion_mnistm_dann.png)
+![train on target](confusion_mnistm_target_only.png)
 
-    def mean(name, key="mnistm_test_accuracy"):
-        return summary[name][key]["mean"] if name in summary and key in summary[name] else None
+Seconds: data {timings[data]:.0f}, training {timings[training]:.0f}, evaluation \
+{timings[evaluation]:.0f}, figures {timings[figures]:.0f}, total {timings[total]:.0f}.
 
-    def on_mnistm(name):
-        svm = mean(name, "svm_mnistm_test_accuracy")
-        return (f"{mean(name):.4f} on MNIST-M" + (f", {svm:.4f} with the last layer retrained by a "
-                                                  f"linear SVM as in the paper" if svm is not None else "")
-                + f" (paper {PAPER[name]})")
+## Choices where the paper is silent
 
-    def paper_like(name):
-        svm = mean(name, "svm_mnistm_test_accuracy")
-        return mean(name) if svm is None else svm
+- MNIST-M: a uniformly random 28x28 crop of a uniformly chosen photo, |crop - grey digit| per \
+channel; training digits over the BSDS500 train photos, test digits over the test photos; \
+construction seed {mnistm_seed}, independent of the training seed.
+- {settings[batch_size]} labelled (and, for DANN, as many target) images a step; SGD, momentum \
+{momentum}, lr_p (mu_0 = {lr}) and lambda_p driven by p = step / total steps; PyTorch's default \
+initialisation; one per-channel mean of both domains' training images subtracted; domain loss: \
+mean logistic loss, weight 1.
+"""
+CHOICE = """The default {epochs} epochs come from the DANN run `{command}`: the first \
+epoch whose MNIST-M validation accuracy is within {tolerance} of the run's best \
+({best:.4f}, epoch {best_epoch}) is epoch {near}; the curve is in its metrics.json. Those \
+labels are target labels, an oracle the paper's unsupervised protocol does not have. That run \
+also scored the MNIST-M test set, once, after training: {test:.4f}."""
+RUN_COLUMNS = [("models", "settings.models", "{}"), ("seed", "settings.seed", "{}"),
+               ("epochs", "settings.epochs", "{}"), ("DANN MNIST-M, softmax",
+               "results.softmax.dann.mnistm_test", "{:.4f}"), ("DANN MNIST-M, SVM last layer",
+               "results.svm.dann.mnistm_test", "{:.4f}")]
 
-    parts = []
-    source_only, dann, target_only = mean("source_only"), mean("dann"), mean("target_only")
-    if source_only is not None:
-        parts.append(f"Source only reaches {on_mnistm('source_only')} and "
-                     f"{mean('source_only', 'mnist_test_accuracy'):.4f} on MNIST: the domain shift costs "
-                     f"{mean('source_only', 'mnist_test_accuracy') - source_only:.2f} of accuracy.")
-    if dann is not None:
-        n = summary["dann"]["mnistm_test_accuracy"]["n"]
-        parts.append(f"DANN reaches {on_mnistm('dann')}"
-                     + (f", a mean over {n} seeds" if n > 1 else ", one seed")
-                     + f": {'above' if paper_like('dann') > PAPER['dann'] else 'below'} the paper's "
-                     f"figure"
-                     + (f", {dann - source_only:+.4f} over source only" if source_only is not None else "")
-                     + (f", closing {100 * (dann - source_only) / (target_only - source_only):.0f} % of "
-                        f"the gap to train on target" if None not in (source_only, target_only)
-                        and target_only > source_only else "")
-                     + f", while keeping {mean('dann', 'mnist_test_accuracy'):.4f} on MNIST.")
-    if target_only is not None:
-        parts.append(f"Train on target, the upper bound, reaches {on_mnistm('target_only')}.")
-    svm = {k: mean(k, "svm_mnistm_test_accuracy") - mean(k) for k in summary
-           if mean(k, "svm_mnistm_test_accuracy") is not None}
-    if svm:
-        change = max(svm.values(), key=abs)
-        parts.append("Retraining the last layer with a linear SVM "
-                     + (f"changes the MNIST-M accuracy little (at most {change:+.3f}): the softmax layer "
-                        "is already a linear classifier of the same features." if abs(change) < 0.02
-                        else f"moves the MNIST-M accuracy by up to {change:+.3f}."))
-    return parts + domain_observations(metrics)
+def epoch_choice(out):
+    path = os.path.join(out, "runs", EPOCH_CHOICE_RUN, "metrics.json")
+    if not os.path.isfile(path):
+        return f"No run is kept in runs/{EPOCH_CHOICE_RUN}/."
+    run = common.read_metrics(path, SCRIPT)
+    best, best_epoch, near = first_epoch_near_best(run["training"]["dann"]["history"])
+    return CHOICE.format(epochs=DEFAULT_EPOCHS, tolerance=EPOCH_TOLERANCE, best=best,
+                         best_epoch=best_epoch, near=near, command=run["command"],
+                         test=run["results"]["softmax"]["dann"]["mnistm_test"])
 
-
-def domain_observations(metrics):
-    parts, mixing = [], metrics.get("figure5_domain_knn_accuracy") or {}
-    if mixing.get("dann") is not None and mixing.get("source_only") is not None:
-        mixed = mixing["dann"] < mixing["source_only"] - 0.1
-        parts.append(f"Figure 5: a 5-nearest-neighbour domain classifier on the plotted 768-d "
-                     f"features tells MNIST from MNIST-M with accuracy {mixing['source_only']:.3f} "
-                     f"without adaptation and {mixing['dann']:.3f} with it (0.5 = fully mixed)"
-                     + (": as in the paper's Figure 5, separate clouds without adaptation, much "
-                        "more overlap with it." if mixed else ": the adapted features are not "
-                        "clearly more mixed, unlike the paper's Figure 5."))
-    dann = [r["training"]["history"][-1] for r in metrics["runs"] if r["model"] == "dann"]
-    if dann:
-        last = dann[0]
-        parts.append(f"At the end of DANN training the domain classifier's accuracy is "
-                     f"{last['domain_accuracy']:.3f} on the training batches and "
-                     f"{last['val_domain_accuracy']:.3f} on the validation images (chance 0.5)"
-                     + (": the features have become hard to tell apart." if last["val_domain_accuracy"] < 0.75
-                        else ": the domain classifier still tells the domains apart."))
-    return parts
-
-
-def choices(metrics):
-    """Where the paper is silent, what this run did (from its flags)."""
-    s = metrics["settings"]
-    steps = metrics["runs"][0]["training"]["steps"] // s["epochs"] if metrics["runs"] else 0
-    return [
-        f"MNIST-M ({metrics['data']['kind']}): 28x28 crops drawn uniformly from a uniformly chosen "
-        f"photo, grey digits not binarised, |patch - digit| per channel; training digits over the "
-        f"BSDS500 train photos, test digits over the test photos; construction seed "
-        f"--mnistm-seed {s['mnistm_seed']}, independent of the training seed."
-        if s["mnistm"] == "build" else f"MNIST-M: {metrics['data']['kind']}.",
-        f"Validation: {s['validation_size']} labelled images held out of MNIST train and of MNIST-M "
-        f"train (the same digits in both), never trained on; the training loop watches them every "
-        f"epoch. The MNIST-M labels used there are an oracle that unsupervised adaptation does not "
-        f"have: they set one number, the epoch count, and the MNIST-M test set is evaluated once, "
-        f"after training.",
-        f"{s['epochs']} epochs of {steps} steps, {s['batch_size']} labelled images a step (DANN "
-        f"adds {s['batch_size']} target images); p = step / total steps drives lr_p (mu_0 = "
-        f"{s['lr']}) and lambda_p; SGD momentum {s['momentum']}; the same for the three models.",
-        "One per-channel mean over the union of the MNIST and MNIST-M training images is "
-        "subtracted, the same for both domains and the three models.",
-        "Domain loss: mean logistic loss over the images of a step, source = 0, target = 1, weight "
-        "1; lambda_p only in the gradient reversal layer. Initialisation: PyTorch's defaults.",
-        "Each max-pooling runs before its ReLU (the same function and gradients as the paper's "
-        "order, computed on 4x fewer values), in PyTorch's channels-last layout.",
-        (f"SVM: LinearSVC, C = 1, on standardised 100-d inputs of the last layer, trained on "
-         f"{s['svm_train_size']} images of the model's labelled training set." if s["svm_retrain"]
-         else "No SVM retraining (--svm-retrain not given)."),
-        f"Figure 5: {s['tsne_points']} + {s['tsne_points']} test images, the same in both panels, "
-        f"t-SNE (scikit-learn, PCA initialisation, perplexity 30) run on each model's features.",
-    ]
-
-
-def timings_section(metrics):
-    t = metrics["timings"]
-    total = t["total_seconds"]
-    lines = ["## Timings", "",
-             f"This run took {total / 60:.1f} minutes on {metrics['machine']['description']}"
-             + (" (it was resumed: the stage times below cover its last part; the training "
-                "times per model add up every part)." if metrics["resumed"] else
-                ", in one uninterrupted run."), "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage.replace('_seconds', '').replace('_', ' ')} | {seconds:.1f} |"
-              for stage, seconds in t.items() if stage != "total_seconds"]
-    return lines + [f"| total | {total:.1f} |", ""]
-
+def closed_gap(acc):
+    return f"{(acc['dann'] - acc['source_only']) / (acc['target_only'] - acc['source_only']):.0%}"
 
 def render_report(metrics, out):
-    """report.md from metrics.json and the runs kept in <out>/runs/ alone."""
-    s, figures, runs_here = metrics["settings"], metrics["figures"], other_runs(out)
-    lines = ["# Question 3.2: DANN from MNIST to MNIST-M (Ganin et al., JMLR 2016, Section 5.2)", "",
-             f"Command: `{shown_command(metrics['command'])}`", "",
-             f"Machine: {metrics['machine']['description']}; device `{metrics['device']}`.", "",
-             "## Table 2 (target = MNIST-M test accuracy)", ""]
-    lines += table2(metrics["summary"], s["svm_retrain"])
-    lines += ["", "Ours: the network's own softmax output"
-              + (" and, as in the paper, the last layer retrained by a linear SVM" if s["svm_retrain"] else "")
-              + ". Mean ± standard deviation (n-1) over the seeds named by n. The paper's numbers "
-              "are its MNIST-M column (every method's last layer retrained by a linear SVM).", "",
-              "Per model and seed (test sets evaluated once, after training):", ""]
-    lines += runs_table(metrics["runs"]) + ["", "## Observations against the paper", ""]
-    lines += [" ".join(observations(metrics)), "", "## The epoch count, chosen on validation data", ""]
-    lines += epoch_choice_section(runs_here, s["epochs"])
-    lines += other_runs_section([(n, m) for n, m in runs_here if n != EPOCH_CHOICE_RUN], metrics)
-    lines += ["## MNIST-M", "", f"![MNIST and MNIST-M]({figures['samples']})", "",
-              f"MNIST-M: {metrics['data']['target_train']} train / {metrics['data']['target_val']} "
-              f"validation / {metrics['data']['target_test']} test images; MNIST "
-              f"{metrics['data']['source_train']} / {metrics['data']['source_val']} / "
-              f"{metrics['data']['source_test']}.", ""]
-    if "figure5_domain" in figures:
-        lines += ["## Figure 5: t-SNE of the feature-extractor output", "",
-                  f"{s['tsne_points']} MNIST test + {s['tsne_points']} MNIST-M test images, 768-d "
-                  "output of the feature extractor (the input of the gradient reversal layer); "
-                  "blue = source (MNIST), red = target (MNIST-M).", "",
-                  f"![Figure 5 by domain]({figures['figure5_domain']})", "",
-                  f"The same embeddings coloured by digit:", "",
-                  f"![Figure 5 by digit]({figures['figure5_digits']})", ""]
-    if "curves" in figures:
-        lines += ["## Training curves", "", "Per epoch: the mean label loss and the domain "
-                  "classifier's accuracy on the training batches (dashed: on the validation "
-                  "images), and the validation accuracies. Lighter lines are further seeds.", "",
-                  f"![training curves]({figures['curves']})", ""]
-    if figures.get("confusion"):
-        lines += ["## Confusion matrices on MNIST-M test (first seed)", ""]
-        lines += [f"![{name}]({path})" for name, path in figures["confusion"].items()] + [""]
-    lines += timings_section(metrics)
-    lines += ["## Choices where the paper is silent", ""] + [f"- {c}" for c in choices(metrics)]
-    return "\n".join(lines) + "\n"
+    r = metrics["results"]
+    column = "svm" if "svm" in r else "softmax"
+    ours = {n: v["mnistm_test"] for n, v in r[column].items()}
+    rows = {n: [f"{r[k][n][d]:.4f}" if n in r.get(k, {}) else "-" for k in ("softmax", "svm")
+                for d in ("mnist_test", "mnistm_test")] + [f"{PAPER[n]:.4f}"] for n in MODELS}
+    return common.fill(
+        REPORT, metrics, command=common.shown_command(metrics["command"]),
+        warnings="".join(f"\n**Warning: {w}**\n" for w in metrics["data"].get("warnings", [])),
+        table="\n".join(f"| {TITLES[n]} | {' | '.join(row)} |" for n, row in rows.items()),
+        column=column.replace("svm", "SVM last layer"), closed=closed_gap(ours),
+        gain=f"{ours['dann'] - ours['source_only']:+.4f}",
+        paper_gain=f"{PAPER['dann'] - PAPER['source_only']:+.4f}", paper_closed=closed_gap(PAPER),
+        checks=common.checks_table(metrics["checks"]), epoch_choice=epoch_choice(out),
+        runs=common.runs_table(out, SCRIPT, RUN_COLUMNS) or "None.",
+        mixing=", ".join(f"{v:.3f} ({TITLES[n]})" for n, v in
+                         r["figure5_domain_knn_accuracy"].items()),
+        mnistm_seed=MNISTM_SEED, momentum=MOMENTUM, lr=LR)
 
+# --- Main
+def check_sizes(args, data):
+    for name in args.models:
+        domain = DOMAIN[name]
+        n = len(data[f"{domain}_train"])
+        if n < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is more than the {n} {domain} "
+                            f"training images left by --validation-size {args.validation_size}")
+        picked = data[f"{domain}_train_labels"].cpu()[subsample(n, args.svm_train_size, 0)]
+        if args.svm_retrain and len(picked.unique()) < 2:
+            raise UserError(f"--svm-train-size {args.svm_train_size} gives the SVM of "
+                            f"{TITLES[name]} one digit class only; give more images")
+    if args.tsne_points < MIN_TSNE_POINTS:
+        raise UserError(f"--tsne-points {args.tsne_points} is too few for Figure 5; give at "
+                        f"least {MIN_TSNE_POINTS}")
 
-# =======================================================================================
-# Main: train, evaluate once on the test sets, draw, write metrics.json and report.md
-# =======================================================================================
-def evaluate_all(trained, data, args):
-    runs = []
-    for (name, seed), (model, record) in trained.items():
-        result = evaluate(name, model, data, args)
-        runs.append({"model": name, "seed": seed, **result, "training": record})
-        print(f"[{name} seed {seed}] test: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()),
-              flush=True)
-    return runs
+def measure(args, device, trained, data, info, folder, timings):
+    with stage(timings, "evaluation"):
+        results = evaluate(trained, data, args)
+    with stage(timings, "figures"):
+        results["figure5_domain_knn_accuracy"] = draw_figures(trained, data, args, folder)
+    training = {name: record for name, (_, record) in trained.items()}
+    mean = next(iter(trained.values()))[0].mean.view(-1).tolist()
+    metrics = common.record(SCRIPT, args, device, info, timings, checks_of(
+        results, training, info), results, training=training, pixel_mean=mean)
+    where = metrics["settings"]  # no machine path in a metrics.json
+    where.update({key: common.portable(where[key], key.upper()) for key in WHERE if where[key]})
+    common.write_json(os.path.join(folder, "metrics.json"), metrics)
+    return metrics
 
+def train_and_report(args, device):
+    timings = {}
+    with stage(timings, "data"):
+        domains, info = load_domains(args)
+        resumed = common.load_training_state(os.path.join(args.out, STATE), args, info[
+            "fingerprint"]) if args.resume else {}
+        data = split_data(domains, args, device, info)
+    check_sizes(args, data)
+    with stage(timings, "training"):
+        trained = train_all(args, data, device, resumed, info["fingerprint"])
+    note_saved(f"every model is saved in {args.out}/; --eval-only evaluates them")
+    metrics = measure(args, device, trained, data, info, args.out, timings)
+    if set(args.models) == set(MODELS):  # a run of fewer models is a row of a runs table
+        common.write_text(os.path.join(args.out, "report.md"), render_report(metrics, args.out))
+    os.remove(os.path.join(args.out, STATE))  # the run is complete: nothing left to resume
+    print(f"wrote {args.out}/")
 
-def train_and_report(args, device, resumed):
-    timings, start = {}, time.perf_counter()
-    with stage(timings, "data_seconds"):
-        data, data_info = load_data(args, device)
-    mean = pixel_mean(data)
-    with stage(timings, "training_seconds"):
-        trained = train_all(args, data, device, mean, resumed)
-    note_saved(f"every model is trained and saved in {args.out}/; --resume redoes the "
-               f"evaluation and the figures from the saved weights")
-    with stage(timings, "test_evaluation_seconds"):
-        runs = evaluate_all(trained, data, args)
-    with stage(timings, "figures_seconds"):
-        figures, mixing = draw_figures(trained, data, args, args.out)
-    timings["total_seconds"] = round(time.perf_counter() - start, 2)
-    metrics = {"command": command_line(), "resumed": resumed is not None, "device": str(device),
-               "machine": machine_info(device), "settings": vars(args), "data": data_info,
-               "pixel_mean": mean, "timings": timings, "runs": runs,
-               "summary": summarize_runs(runs), "figures": figures,
-               "figure5_domain_knn_accuracy": mixing}
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
-    write_text(os.path.join(args.out, "report.md"), render_report(metrics, args.out))
-    os.remove(training_state_path(args.out))  # the run is complete: nothing left to resume
-    print("\n".join(table2(metrics["summary"], args.svm_retrain)))
-    print(f"wrote {args.out}/ (report.md, metrics.json, figures, weights) in "
-          f"{timings['total_seconds'] / 60:.1f} min")
-
-
-def find_weights(path):
-    """{(name, seed): file} from a weights file or a folder (name.pt, name_seed<k>.pt)."""
-    if os.path.isfile(path):
-        state = load_checkpoint(path, tuple(KINDS.values()))
-        return {(state["hparams"]["model"], state["hparams"]["seed"]): path}
-    if not os.path.isdir(path):
-        raise UserError(f"--weights {path} does not exist")
-    found = {}
-    for name in MODELS:
-        for file in [os.path.join(path, f"{name}.pt")] + sorted(
-                glob.glob(os.path.join(path, f"{name}_seed*.pt"))):
-            if os.path.isfile(file):
-                found[(name, load_checkpoint(file, KINDS[name])["hparams"]["seed"])] = file
-    if not found:
-        raise UserError(f"--weights {path} is a folder without weights files (source_only.pt, "
-                        f"dann.pt, target_only.pt); give the folder a run wrote, or one file")
-    return found
-
-
-def eval_only(args, parser, argv, device):
-    """Recompute every number and figure from saved weights into <out>/eval/, and print each
-    beside the value in the metrics.json saved with the weights."""
-    weights = args.weights or args.out
-    found = find_weights(weights)
-    saved_path = os.path.join(weights if os.path.isdir(weights) else os.path.dirname(weights),
-                              "metrics.json")
-    saved = read_json(saved_path, "metrics file") if os.path.isfile(saved_path) else None
-    given = given_flags(parser, argv)
-    for key in EVAL_SETTINGS:  # split and evaluate the data as the saved run did
-        if saved and key in saved["settings"] and key not in given:
-            setattr(args, key, saved["settings"][key])
-    eval_dir = prepare_out(os.path.join(args.out, "eval"))
-    data, data_info = load_data(args, device)
-    trained = {}
-    for (name, seed), file in sorted(found.items(), key=lambda kv: (MODELS.index(kv[0][0]), kv[0][1])):
-        trained[(name, seed)] = (load_model(file).to(device),
-                                 load_checkpoint(file, KINDS[name]).get("record"))
-    runs = [{"model": name, "seed": seed, **evaluate(name, model, data, args)}
-            for (name, seed), (model, _) in trained.items()]
-    figures, mixing = draw_figures(trained, data, args, eval_dir)
-    metrics = {"command": command_line(), "weights": {f"{n}_seed{s}": f for (n, s), f in found.items()},
-               "device": str(device), "machine": machine_info(device), "settings": vars(args),
-               "data": data_info, "runs": runs, "summary": summarize_runs(runs),
-               "figures": figures, "figure5_domain_knn_accuracy": mixing}
-    write_json(os.path.join(eval_dir, "metrics.json"), metrics)
-    print("\n".join(table2(metrics["summary"], args.svm_retrain)))
-    if saved is None:
-        print(f"no {saved_path} beside the weights: nothing to compare with")
-    else:
-        print(f"recomputed (saved in {saved_path}):")
-        compare_with_committed(headline_numbers(metrics), headline_numbers(saved), eval_dir)
-    print(f"wrote {eval_dir}/ (metrics.json, comparison.json, figures)")
-
-
-def download_data(args):
-    """--download-only: MNIST and BSDS500 into --data-dir, so later runs need no network."""
-    load_mnist(args.data_dir, download=True)
-    root = find_bsds(args)
-    print(f"MNIST is in {os.path.join(args.data_dir, 'MNIST', 'raw')}/ and BSDS500 in {root}/")
-
+def eval_only(args, device):
+    """Every number again from the saved weights into <out>/eval/, against <out>/metrics.json."""
+    committed = common.read_metrics(os.path.join(args.out, "metrics.json"), SCRIPT)
+    states = {n: common.load_checkpoint(os.path.join(args.out, f"{n}.pt"), KINDS[n])
+              for n in committed["settings"]["models"]}
+    for key, value in next(iter(states.values()))["hparams"].items():  # evaluate as it ran
+        if key not in args.given and key not in WHERE and hasattr(args, key):
+            setattr(args, key, value)
+    args.models, timings = list(states), {}
+    eval_dir = common.prepare_out(os.path.join(args.out, "eval"))
+    with stage(timings, "data"):
+        domains, info = load_domains(args)
+        data = split_data(domains, args, device, info)
+    trained = {n: (load_model(os.path.join(args.out, f"{n}.pt")).to(device), s.get("record"))
+               for n, s in states.items()}
+    metrics = measure(args, device, trained, data, info, eval_dir, timings)
+    common.compare_with_committed(metrics, committed, eval_dir, TOLERANCES)
 
 def main(argv=None):
-    parser = build_parser()
-    args = parse_args(argv, parser)
+    args = parse_args(argv)
     if args.report_only:
-        report_only(args.out, render_report)
-        return
-    prepare_out(args.out)
+        return common.report_only(args.out, SCRIPT, render_report)
     if args.download_only:
-        download_data(args)
-        return
-    device = choose_device(args.device)
-    if args.eval_only:
-        eval_only(args, parser, argv, device)
-        return
-    resumed = (load_training_state(training_state_path(args.out), args, parser, argv)
-               if args.resume else None)
-    train_and_report(args, device, resumed)
+        common.load_mnist(args.data_dir)
+        if args.mnistm == "official":
+            load_official_mnistm(args.mnistm_dir, args.cache_dir, download=True)
+            return print(f"MNIST is in {args.data_dir}/MNIST/raw/, the authors' MNIST-M in "
+                         f"{args.mnistm_dir}/ and {args.cache_dir}/MNIST-M/")
+        return print(f"MNIST is in {args.data_dir}/MNIST/raw/, BSDS500 in {find_bsds(args)}/")
+    device = common.choose_device(args.device)
+    common.prepare_out(args.out)
+    return eval_only(args, device) if args.eval_only else train_and_report(args, device)
 
+# --- Data: MNIST, and MNIST-M built from BSDS500 photos (Section 5.2.4) or the authors' file
+BERKELEY = "eecs.berkeley.edu/Research/Projects/CS/vision/grouping/BSR/BSR_bsds500.tgz"
+BSDS_SOURCES = {  # archive: (the folder it unpacks to, its sources in the order tried)
+    "BSR_bsds500.tgz": ("BSR", (f"https://www2.{BERKELEY}", f"http://www.{BERKELEY}")),
+    "BSDS500-master.zip": ("BSDS500-master",
+                           ("https://github.com/BIDS/BSDS500/archive/refs/heads/master.zip",))}
+# SHA-256 over "split/name:" + SHA-256(bytes) of the official release's 200 train and 200 test
+# photos, train first, by name (no checksum of the archives is published)
+BSDS_FINGERPRINT = "02dac0fc5b9a349c7695cdc915cd73acb66f543de5d682bf2c1ecfe57829e38e"
+MNISTM_SOURCES = (  # public copies of the authors' mnist_m.tar.gz, each published with this md5
+    "https://cornell.box.com/shared/static/jado7quprg6hzzdubvwzh9umr75damwi",  # pytorch-adapt's
+    "https://drive.google.com/file/d/0B_tExHiYS-0veklUZHFYT19KYjg")  # the authors' own link
+MNISTM_MD5 = "859df31c91afe82e80e5012ba928f279"
+
+def load_domains(args):
+    """{domain: (train images, labels, test images, labels)}, the data's record."""
+    mnist = common.load_mnist(args.data_dir, download=not args.no_download)
+    if args.mnistm == "build":
+        arrays, info = load_built_mnistm(args, [(x.numpy(), y.numpy().astype(np.uint8))
+                                                for x, y in mnist])
+    else:
+        arrays, info = load_official_mnistm(args.mnistm_dir, args.cache_dir,
+                                             download=not args.no_download)
+    for warning in info.get("warnings", []):
+        print(f"warning: {warning}", flush=True)
+    target = [torch.from_numpy(arrays[f"{s}_{k}"]) for s in ("train", "test")
+              for k in ("images", "labels")]
+    target[0], target[2] = target[0].permute(0, 3, 1, 2), target[2].permute(0, 3, 1, 2)
+    info["fingerprint"] = common.fingerprint(mnist[0][0], target[0], target[2])
+    return {"source": (*mnist[0], *mnist[1]), "target": target}, info
+
+def split_data(domains, args, device, info):
+    """The same --validation-size indices held out of both training sets; tensors on device."""
+    data = {}
+    for domain, (train, train_labels, test, test_labels) in domains.items():
+        if args.validation_size >= len(train):
+            raise UserError(f"--validation-size {args.validation_size} leaves no {domain} "
+                            f"training images (the set has {len(train)})")
+        held = torch.zeros(len(train), dtype=torch.bool)
+        held[subsample(len(train), args.validation_size, seed=0)] = True
+        train, train_labels = train.contiguous(), train_labels.long()
+        for split, images, labels in (("train", train[~held], train_labels[~held]),
+                                      ("val", train[held], train_labels[held]),
+                                      ("test", test.contiguous(), test_labels.long())):
+            data[f"{domain}_{split}"], data[f"{domain}_{split}_labels"] = images, labels
+            info[f"{domain}_{split}"] = len(images)
+    return {k: v.to(device) for k, v in data.items()}
+
+CACHE_KEYS = {"train_images", "train_labels", "test_images", "test_labels"}
+
+def cached(path, build):
+    """The MNIST-M arrays of the npz at `path`, else build() and save them there; a cache
+    that does not open or lacks an array is rebuilt."""
+    if os.path.isfile(path):
+        try:
+            with np.load(path) as f:
+                if set(f.files) == CACHE_KEYS:
+                    return {k: f[k] for k in f.files}
+            problem = "other arrays"
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            problem = type(error).__name__
+        print(f"warning: the MNIST-M cache {path} cannot be used ({problem}); rebuilding it")
+    arrays = build()
+    common.prepare_out(os.path.dirname(path), "--cache-dir")
+    common.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    return arrays
+
+def build_mnistm(digits, photos, seed=0):
+    """|crop - digit| per channel: each digit (uint8 N,28,28) over a uniformly random 28x28 crop
+    of a uniformly chosen photo (uint8 H,W,3); uint8 (N,28,28,3)."""
+    n, h, w = digits.shape
+    rng = np.random.default_rng(seed)
+    patches = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i, k in enumerate(rng.integers(len(photos), size=n)):
+        top, left = (rng.integers(photos[k].shape[j] - s + 1) for j, s in ((0, h), (1, w)))
+        patches[i] = photos[k][top:top + h, left:left + w]
+    return np.abs(patches.astype(np.int16) - digits[..., None].astype(np.int16)).astype(np.uint8)
+
+def find_bsds(args):
+    """--bsds-dir, or BSDS500 in --data-dir: a folder, else an archive (fetched if missing)."""
+    folders = [args.bsds_dir] if args.bsds_dir else [os.path.join(args.data_dir, p) for p in (
+        "BSDS500", "BSR/BSDS500/data", "BSDS500-master/BSDS500/data")]
+    for folder in folders:
+        if all(os.path.isdir(os.path.join(folder, "images", s)) for s in ("train", "test")):
+            return folder
+    if args.bsds_dir:
+        raise UserError(f"--bsds-dir {args.bsds_dir} holds no images/train and images/test")
+    failed = []
+    for name, (top, sources) in BSDS_SOURCES.items():
+        archive = os.path.join(args.data_dir, name)
+        try:
+            if not os.path.isfile(archive) and not args.no_download:
+                common.download_first(sources, args.data_dir, name)
+        except UserError as error:
+            failed.append(str(error))
+        if os.path.isfile(archive):
+            with tempfile.TemporaryDirectory(dir=args.data_dir, prefix=".tmp-") as tmp:
+                common.extract(archive, tmp)
+                os.rename(os.path.join(tmp, top), os.path.join(args.data_dir, top))
+            os.remove(archive)
+            return find_bsds(args)
+    raise UserError(f"BSDS500 is missing ({'; '.join(failed) or 'downloads are off'}); put "
+                    f"{' or '.join(BSDS_SOURCES)} into {args.data_dir}/, or give --bsds-dir")
+
+def read_photos(paths):
+    from PIL import Image
+    photos = []
+    for path in paths:
+        try:
+            photos.append(np.asarray(Image.open(path).convert("RGB")))
+        except Exception:
+            raise UserError(f"BSDS500 photo {path} cannot be read") from None
+        if min(photos[-1].shape[:2]) < 28:
+            raise UserError(f"BSDS500 photo {path} is smaller than 28x28")
+    return photos
+
+def load_built_mnistm(args, mnist):
+    from PIL import Image
+    (train_digits, train_labels), (test_digits, test_labels) = mnist
+    root = find_bsds(args)
+    photos = {s: [os.path.join(root, "images", s, f) for f in sorted(os.listdir(
+        os.path.join(root, "images", s))) if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+        for s in ("train", "test")}
+    key, digest = hashlib.sha1(train_digits.tobytes() + test_digits.tobytes()), hashlib.sha256()
+    grey = []
+    for split, path in [(s, p) for s in photos for p in photos[s]]:
+        if not os.path.isfile(path):
+            raise UserError(f"BSDS500 photo {path} is a broken link or not a file; remove it")
+        key.update(f"{split}/{os.path.basename(path)}:{os.path.getsize(path)}".encode())
+        digest.update(f"{split}/{os.path.basename(path)}:".encode())
+        digest.update(hashlib.sha256(open(path, "rb").read()).digest())
+        if len(Image.open(path).getbands()) < 3:
+            grey.append(os.path.basename(path))
+    key.update(f"seed{MNISTM_SEED}".encode())
+    name = f"MNIST-M/mnistm_built_{key.hexdigest()[:12]}.npz"
+    arrays = cached(os.path.join(args.cache_dir, name), lambda: {
+        "train_images": build_mnistm(train_digits, read_photos(photos["train"]), MNISTM_SEED),
+        "test_images": build_mnistm(test_digits, read_photos(photos["test"]), MNISTM_SEED + 1),
+        "train_labels": train_labels, "test_labels": test_labels})
+    warnings = [] if digest.hexdigest() == BSDS_FINGERPRINT else [
+        f"the BSDS500 photos are not the official release ({len(photos['train'])} train / "
+        f"{len(photos['test'])} test, the release has 200 / 200; {len(grey)} grey"
+        f"{': ' * bool(grey)}{', '.join(grey)}): this MNIST-M is not the paper's"]
+    inside = os.path.relpath(root, args.data_dir)
+    return arrays, {"kind": "built from BSDS500 (|patch - digit|, grey digits, 28x28 crops)",
+                    "bsds_dir": common.portable(root, "BSDS_DIR") if inside.startswith("..")
+                    else f"DATA_DIR/{inside}", "cache": f"CACHE_DIR/{name}",
+                    "bsds_matches_official_release": not warnings, "warnings": warnings}
+
+def check_mnistm_archive(path):
+    try:
+        with tarfile.open(path) as tar:
+            names = set(tar.getnames())
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ValueError(f"not a readable .tar.gz ({type(error).__name__})") from None
+    if not {f"mnist_m/mnist_m_{s}_labels.txt" for s in ("train", "test")} <= names:
+        raise ValueError("it lacks mnist_m/mnist_m_train_labels.txt or mnist_m_test_labels.txt")
+
+def read_official(root, split, lines):
+    from PIL import Image
+    images, labels = [], []
+    listing = os.path.join(root, f"mnist_m_{split}_labels.txt")
+    for number, line in enumerate(lines, 1):
+        name, _, label = line.strip().partition(" ")
+        if not line.strip():
+            continue
+        try:
+            if label not in tuple("0123456789"):
+                raise ValueError(label)
+            images.append(np.asarray(Image.open(f"{root}/mnist_m_{split}/{name}").convert(
+                "RGB").resize((28, 28), Image.BILINEAR)))
+        except Exception:
+            raise UserError(f"{listing} line {number} is not '<name>.png <digit>' of an image "
+                            f"there") from None
+        labels.append(int(label))
+    if not images:
+        raise UserError(f"{listing} is missing or lists no images")
+    return {f"{split}_images": np.stack(images), f"{split}_labels": np.uint8(labels)}
+
+def official_root(roots):
+    return next((r for r in roots if os.path.isdir(os.path.join(r, "mnist_m_train"))), None)
+
+def load_official_mnistm(mnistm_dir, cache_dir, download=False):
+    """The authors' mnist_m/ or mnist_m.tar.gz (fetched if missing), 32x32 resized to 28x28."""
+    roots = (mnistm_dir, os.path.join(mnistm_dir, "mnist_m"), os.path.join(cache_dir, "mnist_m"))
+    archive, root = os.path.join(mnistm_dir, "mnist_m.tar.gz"), official_root(roots)
+    if root is None and not os.path.isfile(archive) and download:
+        common.download_first(MNISTM_SOURCES, mnistm_dir, "mnist_m.tar.gz", md5=MNISTM_MD5,
+                              check=check_mnistm_archive, offline_hint=f"put mnist_m.tar.gz "
+                              f"(or its extracted mnist_m/) into {mnistm_dir}/")
+    if root is None and os.path.isfile(archive):
+        common.extract(archive, cache_dir)
+        root = official_root(roots)
+    if root is None:
+        raise UserError(f"official MNIST-M not found: put mnist_m.tar.gz (or its extracted "
+                        f"mnist_m/) into {mnistm_dir}/")
+    listings = {s: os.path.join(root, f"mnist_m_{s}_labels.txt") for s in ("train", "test")}
+    lines = {s: open(p).read().split("\n") if os.path.isfile(p) else [] for s, p in
+             listings.items()}
+    name = f"MNIST-M/mnistm_official_{hashlib.sha1(str(lines).encode()).hexdigest()[:12]}.npz"
+    arrays = cached(os.path.join(cache_dir, name), lambda: {
+        k: v for s in lines for k, v in read_official(root, s, lines[s]).items()})
+    return arrays, {"kind": "the authors' mnist_m.tar.gz, 32x32 resized to 28x28 (bilinear)",
+                    "dir": common.portable(root, "MNISTM_DIR"), "cache": f"CACHE_DIR/{name}"}
 
 if __name__ == "__main__":
-    run_cli(main)
+    common.run_cli(main)

@@ -1,10 +1,15 @@
+import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
@@ -68,7 +73,7 @@ def test_argparse_types_reject_bad_values():
     assert common.positive_int("3") == 3
     for parse, bad in ((common.positive_int, "0"), (common.positive_int, "x"),
                        (common.positive_float, "-1"), (common.nonnegative_float, "-0.1"),
-                       (common.finite_float, "nan")):
+                       (common.positive_float, "nan")):
         with pytest.raises(ValueError):
             parse(bad)
 
@@ -298,10 +303,10 @@ def test_compare_with_committed_says_reproduced_differs_or_within_tolerance(tmp_
                                          {"results.svm": (0.001, "an SVM refit")})
     assert [(r["name"], r["reproduced"]) for r in rows] == [
         ("checks.c.holds", True), ("checks.c.value", True), ("results.elbo", False),
-        ("results.svm.accuracy", True)]
+        ("results.old", False), ("results.svm.accuracy", True)]
     out = capsys.readouterr().out
-    assert "differs by -0.1" in out and "3 of 4 numbers" in out
-    assert common.read_json(str(tmp_path / "comparison.json"), "x")["compared"] == 4
+    assert "differs by -0.1" in out and "not recomputed" in out and "3 of 5 numbers" in out
+    assert common.read_json(str(tmp_path / "comparison.json"), "x")["compared"] == 5
     with pytest.raises(common.UserError, match="nothing was verified"):
         common.compare_with_committed(_metrics({"a": 1}), _metrics({"b": 1}), str(tmp_path))
 
@@ -471,3 +476,26 @@ def test_a_failing_figure_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.save_figure(fig, str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["f.png"]
+
+
+def test_verify_reproduces_the_committed_toy_run_and_fails_on_a_changed_number(tmp_path, capsys):
+    outputs = tmp_path / "outputs"
+    shutil.copytree(os.path.join(ROOT, "outputs", "q3_toy"), outputs / "q3_toy",
+                    ignore=shutil.ignore_patterns("eval", "*.png", "report.md"))
+    argv = ["--outputs", str(outputs), "--questions", "Q3.1", "--device", "cpu"]
+    assert common.verify(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^(\d+) of \1 committed numbers reproduced$", out, re.M)
+    path = outputs / "q3_toy" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    numbers = metrics["results"]
+    while isinstance(numbers, dict):  # the first result number, wherever it lies
+        key, value = next((k, v) for k, v in numbers.items() if isinstance(v, (dict, float)))
+        numbers, parent = value, numbers
+    parent[key] += 0.01
+    path.write_text(json.dumps(metrics))
+    assert common.verify(argv) == 1
+    assert "| **no** |" in capsys.readouterr().out
+    (outputs / "q3_toy" / "dann.pt").unlink()
+    assert common.verify(argv) == 2
+    assert "was not verified" in capsys.readouterr().out
