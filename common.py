@@ -694,12 +694,13 @@ def load_mnist(data_dir, download=True):
 # make verify: every committed number recomputed from the committed weights
 QUESTIONS = {"Q1": ("q1_vae.py", "q1"), "Q2": ("q2_cyclevae.py", "q2"),
              "Q3.1": ("q3_toy_dann.py", "q3_toy"), "Q3.2": ("q3_mnistm_dann.py", "q3_mnistm")}
+DRAWS_ITS_DATA = ("q3_toy_dann.py",)  # takes no --data-dir
 
 def _evaluate(script, out, args):
     """Run `script --eval-only` on the run in `out`: (comparison rows, None) or (None, why)."""
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
                "--eval-only", "--out", out, "--device", args.device]
-    if script != "q3_toy_dann.py":  # the toy draws its own data
+    if script not in DRAWS_ITS_DATA:
         command += ["--data-dir", args.data_dir]
     comparison = os.path.join(out, "eval", "comparison.json")
     if os.path.exists(comparison):
