@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import math
 import os
-import tarfile
 import tempfile
 import time
 import zipfile
@@ -37,10 +36,9 @@ PAPER = {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9596}  # Table 
 DEFAULT_EPOCHS = 27  # runs/epoch_choice: the first epoch within EPOCH_TOLERANCE of its best
 EPOCH_CHOICE_RUN, EPOCH_TOLERANCE = "epoch_choice", 0.01
 LR, MOMENTUM, MNISTM_SEED, MIN_TSNE_POINTS = 0.01, 0.9, 0, 10
-WHERE = ("cache_dir", "bsds_dir", "mnistm_dir")  # where the data lie, not what a run computes
-TOLERANCES = {prefix: (0.0005, "linear SVM refit on the 100-d features; on an AMD EPYC it "
-                       "differed from the committed run's Intel Xeon by up to 0.0003")
-              for prefix in ("results.svm.", "checks.SVM last layer")}
+WHERE = ("cache_dir",)  # where the data lie, not what a run computes
+SVM_TOLERANCE = (0.0005, "linear SVM refit on the 100-d features; differs by CPU by up to 0.0003")
+TOLERANCES = {"results.svm.": SVM_TOLERANCE, "checks.SVM last layer": SVM_TOLERANCE}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -48,10 +46,8 @@ def parse_args(argv=None):
     common.add_common_args(parser, OUT_DEFAULT)
     add = parser.add_argument
     add("--cache-dir", default="./data", help="writable folder for the MNIST-M cache (165 MB)")
-    add("--bsds-dir", help="folder with BSDS500's images/train and images/test")
     add("--mnistm", choices=["build", "official"], default="build",
         help="build MNIST-M from BSDS500 (Section 5.2.4), or read the authors' file")
-    add("--mnistm-dir", help="folder of mnist_m.tar.gz or mnist_m/ (default: --data-dir)")
     add("--no-download", action="store_true", help="never try to download")
     add("--download-only", action="store_true", help="fetch the data, then stop")
     add("--models", nargs="+", choices=MODELS, default=MODELS)
@@ -62,15 +58,10 @@ def parse_args(argv=None):
     add("--svm-retrain", action="store_true", help="retrain each last layer by a linear SVM")
     add("--svm-train-size", type=positive_int, default=20000, help="training images of the SVM")
     add("--tsne-points", type=positive_int, default=500, help="test images per domain, Fig. 5")
-    args = common.parse(parser, argv)
-    args.mnistm_dir = args.mnistm_dir or args.data_dir
-    return args
+    return common.parse(parser, argv)
 
 # --- Model: the Figure 4(a) network
 class DANNNet(nn.Module):
-    """Features conv5x5(32)-pool-ReLU-conv5x5(48)-pool-ReLU (768-d), label predictor 100-100-10,
-    domain classifier 100-1 (behind the GRL); input in [0,1] minus the stored pixel mean."""
-
     def __init__(self, mean):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -102,8 +93,7 @@ def as_input(images):
     x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x
     return x.contiguous(memory_format=torch.channels_last)
 
-def pixel_mean(data):
-    """One per-channel mean of both domains' training images."""
+def pixel_mean(data):  # one per-channel mean of both domains' training images
     grey = data["source_train"].double().mean() / 255
     colour = data["target_train"].double().mean(dim=(0, 2, 3)) / 255
     n_s, n_t = len(data["source_train"]), len(data["target_train"])
@@ -117,7 +107,6 @@ def adaptation_lambda(p):
     return 2 / (1 + math.exp(-10 * p)) - 1
 
 def dann_losses(model, source, source_labels, target, lambda_):
-    """Source label loss; domain loss (logistic, source 0) through the GRL; domain accuracy."""
     features = model.features(torch.cat([source, target]))
     label_loss = F.cross_entropy(model.label_predictor(features[:len(source)]), source_labels)
     domain = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).to(features.device)
@@ -145,7 +134,6 @@ def supervised_step(model, optimizer, images, labels, what):
 
 # --- Training: one loop for the three models
 def epoch_batches(n, batch_size, steps, seed, epoch, stream):
-    """(steps, batch_size) indices of fresh permutations, seeded by (seed, epoch, stream)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + stream)
     order = torch.cat([torch.randperm(n, generator=generator)
                        for _ in range(math.ceil(steps * batch_size / n))])
@@ -177,7 +165,6 @@ def train_epoch(name, model, optimizer, data, args, epoch):
     return record, steps
 
 def train_all(args, data, device, resumed, fingerprint):
-    """Every model, validated after each epoch, saved after each so that --resume continues."""
     settings, mean = common.settings_of(args, exclude=WHERE), pixel_mean(data)
     done, progress = resumed.get("done", {}), resumed.get("in_progress", {})
     path, trained = os.path.join(args.out, STATE), {}
@@ -227,8 +214,7 @@ def predict(model, images):
     return embed(model, images, "logits").argmax(1).cpu()
 
 @torch.no_grad()
-def validation_accuracies(model, data, with_domain):
-    """Validation accuracies (MNIST-M's is an oracle) and DANN's domain accuracy."""
+def validation_accuracies(model, data, with_domain):  # MNIST-M's labels are an oracle
     source, target = embed(model, data["source_val"]), embed(model, data["target_val"])
     result = {f"{d}_val_accuracy": float((model.label_predictor(f).argmax(1)
                                           == data[f"{d}_val_labels"]).float().mean())
@@ -241,7 +227,6 @@ def validation_accuracies(model, data, with_domain):
     return result
 
 def svm_retrain(model, images, labels, tests, size):
-    """The paper's last layer: a linear SVM (C = 1) on standardised last hidden features."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
@@ -252,7 +237,6 @@ def svm_retrain(model, images, labels, tests, size):
                                        == y.cpu().numpy())) for d, (x, y) in tests.items()}
 
 def evaluate(trained, data, args):
-    """Table 2: test accuracy of each network, and of its SVM last layer."""
     tests = {"mnist": (data["source_test"], data["source_test_labels"]),
              "mnistm": (data["target_test"], data["target_test_labels"])}
     results = {"softmax": {}, **({"svm": {}} if args.svm_retrain else {})}
@@ -266,8 +250,7 @@ def evaluate(trained, data, args):
                                              for c, r in results.items() for k in r[name]))
     return results
 
-def domain_mixing(features, domains):
-    """5-fold accuracy of a 5-nearest-neighbour domain classifier (0.5: mixed)."""
+def domain_mixing(features, domains):  # 0.5: mixed
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
     folds = int(min(5, np.bincount(domains).min()))
@@ -317,8 +300,6 @@ CURVES = [("label_loss", "label loss (training batches)"),
 COLOURS = {"source_only": "tab:blue", "dann": "tab:red", "target_only": "tab:green"}
 
 def plot_curves(records, path):
-    """Per epoch: the label loss, DANN's domain-classifier accuracy (dashed: on the validation
-    images) and the MNIST and MNIST-M validation accuracies."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for ax, (key, title) in zip(axes, CURVES):
@@ -338,7 +319,6 @@ def plot_curves(records, path):
     common.save_figure(fig, path)
 
 def draw_figures(trained, data, args, folder):
-    """Every figure; Figure 5's domain mixing."""
     import matplotlib.pyplot as plt
     plot_mnistm_samples(data, os.path.join(folder, "mnistm_samples.png"))
     picks = {d: subsample(len(data[f"{d}_test"]), args.tsne_points, seed)
@@ -477,14 +457,13 @@ def render_report(metrics, out):
 
 # --- Main
 def check_sizes(args, data):
-    for name in args.models:
-        domain = DOMAIN[name]
-        n = len(data[f"{domain}_train"])
-        if n < args.batch_size:
+    for domain in ("source", "target"):
+        if (n := len(data[f"{domain}_train"])) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} is more than the {n} {domain} "
                             f"training images left by --validation-size {args.validation_size}")
-        picked = data[f"{domain}_train_labels"].cpu()[subsample(n, args.svm_train_size, 0)]
-        if args.svm_retrain and len(picked.unique()) < 2:
+    for name in args.models if args.svm_retrain else []:
+        labels = data[f"{DOMAIN[name]}_train_labels"].cpu()
+        if len(labels[subsample(len(labels), args.svm_train_size, 0)].unique()) < 2:
             raise UserError(f"--svm-train-size {args.svm_train_size} gives the SVM of "
                             f"{TITLES[name]} one digit class only; give more images")
     if args.tsne_points < MIN_TSNE_POINTS:
@@ -523,7 +502,6 @@ def train_and_report(args, device):
     print(f"wrote {args.out}/")
 
 def eval_only(args, device):
-    """Every number again from the saved weights into <out>/eval/, against <out>/metrics.json."""
     committed = common.read_metrics(os.path.join(args.out, "metrics.json"), SCRIPT)
     states = {n: common.load_checkpoint(os.path.join(args.out, f"{n}.pt"), KINDS[n])
               for n in committed["settings"]["models"]}
@@ -546,18 +524,17 @@ def main(argv=None):
         return common.report_only(args.out, SCRIPT, render_report)
     if args.download_only:
         common.load_mnist(args.data_dir)
+        where = args.data_dir if args.mnistm == "official" else find_bsds(args)
         if args.mnistm == "official":
-            load_official_mnistm(args.mnistm_dir, args.cache_dir, download=True)
-            return print(f"MNIST is in {args.data_dir}/MNIST/raw/, the authors' MNIST-M in "
-                         f"{args.mnistm_dir}/ and {args.cache_dir}/MNIST-M/")
-        return print(f"MNIST is in {args.data_dir}/MNIST/raw/, BSDS500 in {find_bsds(args)}/")
+            load_official_mnistm(args.data_dir, args.cache_dir, download=True)
+        return print(f"MNIST is in {args.data_dir}/MNIST/raw/, MNIST-M's source in {where}/")
     device = common.choose_device(args.device)
     common.prepare_out(args.out)
     return eval_only(args, device) if args.eval_only else train_and_report(args, device)
 
 # --- Data: MNIST, and MNIST-M built from BSDS500 photos (Section 5.2.4) or the authors' file
 BERKELEY = "eecs.berkeley.edu/Research/Projects/CS/vision/grouping/BSR/BSR_bsds500.tgz"
-BSDS_SOURCES = {  # archive: (the folder it unpacks to, its sources in the order tried)
+BSDS_SOURCES = {  # archive: (its top folder, its sources in the order tried)
     "BSR_bsds500.tgz": ("BSR", (f"https://www2.{BERKELEY}", f"http://www.{BERKELEY}")),
     "BSDS500-master.zip": ("BSDS500-master",
                            ("https://github.com/BIDS/BSDS500/archive/refs/heads/master.zip",))}
@@ -576,7 +553,7 @@ def load_domains(args):
         arrays, info = load_built_mnistm(args, [(x.numpy(), y.numpy().astype(np.uint8))
                                                 for x, y in mnist])
     else:
-        arrays, info = load_official_mnistm(args.mnistm_dir, args.cache_dir,
+        arrays, info = load_official_mnistm(args.data_dir, args.cache_dir,
                                              download=not args.no_download)
     for warning in info.get("warnings", []):
         print(f"warning: {warning}", flush=True)
@@ -590,9 +567,6 @@ def split_data(domains, args, device, info):
     """The same --validation-size indices held out of both training sets; tensors on device."""
     data = {}
     for domain, (train, train_labels, test, test_labels) in domains.items():
-        if args.validation_size >= len(train):
-            raise UserError(f"--validation-size {args.validation_size} leaves no {domain} "
-                            f"training images (the set has {len(train)})")
         held = torch.zeros(len(train), dtype=torch.bool)
         held[subsample(len(train), args.validation_size, seed=0)] = True
         train, train_labels = train.contiguous(), train_labels.long()
@@ -606,8 +580,7 @@ def split_data(domains, args, device, info):
 CACHE_KEYS = {"train_images", "train_labels", "test_images", "test_labels"}
 
 def cached(path, build):
-    """The MNIST-M arrays of the npz at `path`, else build() and save them there; a cache
-    that does not open or lacks an array is rebuilt."""
+    """The arrays of the npz at `path`, else (also if it is unreadable) build() saved there."""
     if os.path.isfile(path):
         try:
             with np.load(path) as f:
@@ -634,15 +607,10 @@ def build_mnistm(digits, photos, seed=0):
     return np.abs(patches.astype(np.int16) - digits[..., None].astype(np.int16)).astype(np.uint8)
 
 def find_bsds(args):
-    """--bsds-dir, or BSDS500 in --data-dir: a folder, else an archive (fetched if missing)."""
-    folders = [args.bsds_dir] if args.bsds_dir else [os.path.join(args.data_dir, p) for p in (
-        "BSDS500", "BSR/BSDS500/data", "BSDS500-master/BSDS500/data")]
-    for folder in folders:
-        if all(os.path.isdir(os.path.join(folder, "images", s)) for s in ("train", "test")):
-            return folder
-    if args.bsds_dir:
-        raise UserError(f"--bsds-dir {args.bsds_dir} holds no images/train and images/test")
-    failed = []
+    """DATA_DIR/BSDS500, else unpacked there from a release archive (fetched if missing)."""
+    root, failed = os.path.join(args.data_dir, "BSDS500"), []
+    if all(os.path.isdir(os.path.join(root, "images", s)) for s in ("train", "test")):
+        return root
     for name, (top, sources) in BSDS_SOURCES.items():
         archive = os.path.join(args.data_dir, name)
         try:
@@ -653,11 +621,11 @@ def find_bsds(args):
         if os.path.isfile(archive):
             with tempfile.TemporaryDirectory(dir=args.data_dir, prefix=".tmp-") as tmp:
                 common.extract(archive, tmp)
-                os.rename(os.path.join(tmp, top), os.path.join(args.data_dir, top))
+                os.rename(os.path.join(tmp, top, "BSDS500", "data"), root)
             os.remove(archive)
             return find_bsds(args)
     raise UserError(f"BSDS500 is missing ({'; '.join(failed) or 'downloads are off'}); put "
-                    f"{' or '.join(BSDS_SOURCES)} into {args.data_dir}/, or give --bsds-dir")
+                    f"{' or '.join(BSDS_SOURCES)} into {args.data_dir}/")
 
 def read_photos(paths):
     from PIL import Image
@@ -679,39 +647,29 @@ def load_built_mnistm(args, mnist):
         os.path.join(root, "images", s))) if f.lower().endswith((".jpg", ".jpeg", ".png"))]
         for s in ("train", "test")}
     key, digest = hashlib.sha1(train_digits.tobytes() + test_digits.tobytes()), hashlib.sha256()
-    grey = []
     for split, path in [(s, p) for s in photos for p in photos[s]]:
         if not os.path.isfile(path):
             raise UserError(f"BSDS500 photo {path} is a broken link or not a file; remove it")
         key.update(f"{split}/{os.path.basename(path)}:{os.path.getsize(path)}".encode())
         digest.update(f"{split}/{os.path.basename(path)}:".encode())
         digest.update(hashlib.sha256(open(path, "rb").read()).digest())
-        if len(Image.open(path).getbands()) < 3:
-            grey.append(os.path.basename(path))
     key.update(f"seed{MNISTM_SEED}".encode())
     name = f"MNIST-M/mnistm_built_{key.hexdigest()[:12]}.npz"
     arrays = cached(os.path.join(args.cache_dir, name), lambda: {
         "train_images": build_mnistm(train_digits, read_photos(photos["train"]), MNISTM_SEED),
         "test_images": build_mnistm(test_digits, read_photos(photos["test"]), MNISTM_SEED + 1),
         "train_labels": train_labels, "test_labels": test_labels})
-    warnings = [] if digest.hexdigest() == BSDS_FINGERPRINT else [
-        f"the BSDS500 photos are not the official release ({len(photos['train'])} train / "
-        f"{len(photos['test'])} test, the release has 200 / 200; {len(grey)} grey"
-        f"{': ' * bool(grey)}{', '.join(grey)}): this MNIST-M is not the paper's"]
-    inside = os.path.relpath(root, args.data_dir)
+    warnings = []
+    if digest.hexdigest() != BSDS_FINGERPRINT:
+        grey = [os.path.basename(p) for s in photos for p in photos[s]
+                if len(Image.open(p).getbands()) < 3]
+        warnings.append(f"the BSDS500 photos are not the official release ({len(photos['train'])} "
+                        f"train / {len(photos['test'])} test, the release has 200 / 200; "
+                        f"{len(grey)} grey{': ' * bool(grey)}{', '.join(grey)}): this MNIST-M is "
+                        f"not the paper's")
     return arrays, {"kind": "built from BSDS500 (|patch - digit|, grey digits, 28x28 crops)",
-                    "bsds_dir": common.portable(root, "BSDS_DIR") if inside.startswith("..")
-                    else f"DATA_DIR/{inside}", "cache": f"CACHE_DIR/{name}",
+                    "bsds_dir": "DATA_DIR/BSDS500", "cache": f"CACHE_DIR/{name}",
                     "bsds_matches_official_release": not warnings, "warnings": warnings}
-
-def check_mnistm_archive(path):
-    try:
-        with tarfile.open(path) as tar:
-            names = set(tar.getnames())
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"not a readable .tar.gz ({type(error).__name__})") from None
-    if not {f"mnist_m/mnist_m_{s}_labels.txt" for s in ("train", "test")} <= names:
-        raise ValueError("it lacks mnist_m/mnist_m_train_labels.txt or mnist_m_test_labels.txt")
 
 def read_official(root, split, lines):
     from PIL import Image
@@ -734,23 +692,20 @@ def read_official(root, split, lines):
         raise UserError(f"{listing} is missing or lists no images")
     return {f"{split}_images": np.stack(images), f"{split}_labels": np.uint8(labels)}
 
-def official_root(roots):
-    return next((r for r in roots if os.path.isdir(os.path.join(r, "mnist_m_train"))), None)
-
-def load_official_mnistm(mnistm_dir, cache_dir, download=False):
+def load_official_mnistm(data_dir, cache_dir, download=False):
     """The authors' mnist_m/ or mnist_m.tar.gz (fetched if missing), 32x32 resized to 28x28."""
-    roots = (mnistm_dir, os.path.join(mnistm_dir, "mnist_m"), os.path.join(cache_dir, "mnist_m"))
-    archive, root = os.path.join(mnistm_dir, "mnist_m.tar.gz"), official_root(roots)
-    if root is None and not os.path.isfile(archive) and download:
-        common.download_first(MNISTM_SOURCES, mnistm_dir, "mnist_m.tar.gz", md5=MNISTM_MD5,
-                              check=check_mnistm_archive, offline_hint=f"put mnist_m.tar.gz "
-                              f"(or its extracted mnist_m/) into {mnistm_dir}/")
-    if root is None and os.path.isfile(archive):
-        common.extract(archive, cache_dir)
-        root = official_root(roots)
+    roots = (os.path.join(data_dir, "mnist_m"), os.path.join(cache_dir, "mnist_m"))
+    archive, hint = os.path.join(data_dir, "mnist_m.tar.gz"), (
+        f"put mnist_m.tar.gz (or its extracted mnist_m/) into {data_dir}/")
+    if not any(os.path.isdir(os.path.join(r, "mnist_m_train")) for r in roots):
+        if download and not os.path.isfile(archive):
+            common.download_first(MNISTM_SOURCES, data_dir, "mnist_m.tar.gz", md5=MNISTM_MD5,
+                                  offline_hint=hint)
+        if os.path.isfile(archive):
+            common.extract(archive, cache_dir)
+    root = next((r for r in roots if os.path.isdir(os.path.join(r, "mnist_m_train"))), None)
     if root is None:
-        raise UserError(f"official MNIST-M not found: put mnist_m.tar.gz (or its extracted "
-                        f"mnist_m/) into {mnistm_dir}/")
+        raise UserError(f"official MNIST-M not found: {hint}")
     listings = {s: os.path.join(root, f"mnist_m_{s}_labels.txt") for s in ("train", "test")}
     lines = {s: open(p).read().split("\n") if os.path.isfile(p) else [] for s, p in
              listings.items()}
@@ -758,7 +713,7 @@ def load_official_mnistm(mnistm_dir, cache_dir, download=False):
     arrays = cached(os.path.join(cache_dir, name), lambda: {
         k: v for s in lines for k, v in read_official(root, s, lines[s]).items()})
     return arrays, {"kind": "the authors' mnist_m.tar.gz, 32x32 resized to 28x28 (bilinear)",
-                    "dir": common.portable(root, "MNISTM_DIR"), "cache": f"CACHE_DIR/{name}"}
+                    "dir": common.portable(root, "DATA_DIR"), "cache": f"CACHE_DIR/{name}"}
 
 if __name__ == "__main__":
     common.run_cli(main)

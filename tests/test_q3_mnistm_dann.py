@@ -14,7 +14,7 @@ from PIL import Image
 
 import q3_mnistm_dann as q3
 from common import UserError, run_cli, save_checkpoint
-from conftest import fake_digits, interrupt_on_call
+from conftest import fake_digits, interrupt_on_call, write_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "outputs", "q3_mnistm")
@@ -32,22 +32,28 @@ def write_fake_bsds(root, n=3, seed=0, grey=False):
     return str(root)
 
 
+def write_fake_data(root, seed=0, grey=False):
+    """A data folder with fake MNIST and fake BSDS500 photos in DATA_DIR/BSDS500."""
+    write_fake_bsds(root / "BSDS500", seed=seed, grey=grey)
+    return write_fake_mnist(str(root))
+
+
 @pytest.fixture(scope="module")
-def fake_bsds_dir(tmp_path_factory):
-    return write_fake_bsds(tmp_path_factory.mktemp("bsds") / "BSDS500", grey=True)
+def fake_data_dir(tmp_path_factory):
+    return write_fake_data(tmp_path_factory.mktemp("data"), grey=True)
 
 
-def base_args(data_dir, bsds_dir, tmp_path, *extra):
-    return ["--data-dir", data_dir, "--bsds-dir", bsds_dir, "--cache-dir", str(tmp_path / "cache"),
+def base_args(data_dir, tmp_path, *extra):
+    return ["--data-dir", data_dir, "--cache-dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "out"), "--epochs", "2", "--tsne-points", "20",
             "--validation-size", "50", "--batch-size", "32", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
-def finished_run(fake_mnist_dir, fake_bsds_dir, tmp_path_factory):
+def finished_run(fake_data_dir, tmp_path_factory):
     """One complete run of the three models on the fake data, and what it printed."""
     tmp_path = tmp_path_factory.mktemp("run")
-    q3.main(base_args(fake_mnist_dir, fake_bsds_dir, tmp_path, "--svm-retrain",
+    q3.main(base_args(fake_data_dir, tmp_path, "--svm-retrain",
                       "--svm-train-size", "100"))
     return tmp_path
 
@@ -139,7 +145,7 @@ def test_a_run_writes_every_output_in_the_one_layout(finished_run, capsys):
 
 
 def test_photos_that_are_not_the_release_are_said_on_the_terminal_and_in_the_report(
-        finished_run, fake_mnist_dir, fake_bsds_dir, tmp_path, capsys):
+        finished_run, fake_data_dir, tmp_path, capsys):
     metrics = json.loads((finished_run / "out" / "metrics.json").read_text())
     warning = "the BSDS500 photos are not the official release (3 train / 3 test"
     assert warning in metrics["data"]["warnings"][0] and "1 grey: 0.jpg" in metrics["data"][
@@ -147,7 +153,7 @@ def test_photos_that_are_not_the_release_are_said_on_the_terminal_and_in_the_rep
     assert f"**Warning: {warning}" in (finished_run / "out" / "report.md").read_text()
     assert {"name": "BSDS500 photos are the official release", "value": False,
             "threshold": "fingerprint", "holds": False} in metrics["checks"]
-    q3.load_domains(q3.parse_args(base_args(fake_mnist_dir, fake_bsds_dir, tmp_path)))
+    q3.load_domains(q3.parse_args(base_args(fake_data_dir, tmp_path)))
     assert f"warning: {warning}" in capsys.readouterr().out
 
 
@@ -185,12 +191,11 @@ def test_the_report_says_what_set_the_epochs_and_that_it_scored_the_test_set():
     assert q3.first_epoch_near_best(choice["training"]["dann"]["history"])[2] == q3.DEFAULT_EPOCHS
 
 
-def test_eval_only_writes_only_under_eval_and_reproduces(finished_run, fake_mnist_dir,
-                                                         fake_bsds_dir, capsys):
+def test_eval_only_writes_only_under_eval_and_reproduces(finished_run, fake_data_dir, capsys):
     out = finished_run / "out"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    q3.main(["--data-dir", fake_mnist_dir, "--bsds-dir", fake_bsds_dir, "--cache-dir",
-             str(finished_run / "cache"), "--out", str(out), "--eval-only", "--device", "cpu"])
+    q3.main(["--data-dir", fake_data_dir, "--cache-dir", str(finished_run / "cache"), "--out",
+             str(out), "--eval-only", "--device", "cpu"])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     comparison = json.loads((out / "eval" / "comparison.json").read_text())
     assert comparison["compared"] >= 19 and comparison["reproduced"] == comparison["compared"]
@@ -198,8 +203,8 @@ def test_eval_only_writes_only_under_eval_and_reproduces(finished_run, fake_mnis
 
 
 def test_interrupt_then_resume_is_bit_identical_and_other_photos_are_refused(
-        finished_run, fake_mnist_dir, fake_bsds_dir, tmp_path, monkeypatch, capsys):
-    argv = base_args(fake_mnist_dir, fake_bsds_dir, tmp_path, "--models", "dann", "source_only")
+        finished_run, fake_data_dir, tmp_path, monkeypatch, capsys):
+    argv = base_args(fake_data_dir, tmp_path, "--models", "dann", "source_only")
     interrupt_on_call(monkeypatch, q3, "validation_accuracies", 4)  # source only, epoch 2
     with pytest.raises(SystemExit) as error:
         run_cli(q3.main, argv)
@@ -208,11 +213,11 @@ def test_interrupt_then_resume_is_bit_identical_and_other_photos_are_refused(
     assert capsys.readouterr().err.strip().endswith(
         f"epoch 1 of 2 of Source only is saved in {state}; continue with --resume")
     monkeypatch.undo()
-    other = write_fake_bsds(tmp_path / "other", seed=7)  # issue 19: --resume on other photos
-    fails([*argv, "--bsds-dir", other, "--resume"], "trained on other data", capsys)
+    other = write_fake_data(tmp_path / "other", seed=7)  # issue 19: --resume on other photos
+    fails([*argv, "--data-dir", other, "--resume"], "trained on other data", capsys)
     fails([*argv, "--resume", "--epochs", "3"], "--epochs 3 (the run has 2)", capsys)
-    q3.main(["--out", str(tmp_path / "out"), "--data-dir", fake_mnist_dir, "--bsds-dir",
-             fake_bsds_dir, "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    q3.main(["--out", str(tmp_path / "out"), "--data-dir", fake_data_dir, "--cache-dir",
+             str(tmp_path / "cache"), "--resume"])
     for name in ("dann", "source_only"):
         resumed = torch.load(tmp_path / "out" / f"{name}.pt", weights_only=False)["model"]
         reference = torch.load(finished_run / "out" / f"{name}.pt", weights_only=False)["model"]
@@ -232,11 +237,11 @@ def test_a_data_dir_that_is_a_file_is_one_sentence(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("link", ["dangling", "loop"])
-def test_a_broken_link_among_the_photos_is_one_sentence(fake_mnist_dir, tmp_path, link, capsys):
-    root = write_fake_bsds(tmp_path / "BSDS500")
-    path = os.path.join(root, "images", "train", "x.jpg")
+def test_a_broken_link_among_the_photos_is_one_sentence(tmp_path, link, capsys):
+    root = write_fake_data(tmp_path / "data")
+    path = os.path.join(root, "BSDS500", "images", "train", "x.jpg")
     os.symlink(path if link == "loop" else str(tmp_path / "gone.jpg"), path)
-    fails(base_args(fake_mnist_dir, root, tmp_path), "x.jpg is a broken link", capsys)
+    fails(base_args(root, tmp_path), "x.jpg is a broken link", capsys)
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -244,9 +249,8 @@ def test_a_broken_link_among_the_photos_is_one_sentence(fake_mnist_dir, tmp_path
     (["--validation-size", "290"], "left by --validation-size 290"),
     (["--svm-retrain", "--svm-train-size", "1"], "--svm-train-size 1 gives the SVM"),
     (["--tsne-points", "2"], "--tsne-points 2 is too few")])
-def test_sizes_are_refused_before_training(fake_mnist_dir, fake_bsds_dir, tmp_path, extra,
-                                           match, capsys):
-    fails(base_args(fake_mnist_dir, fake_bsds_dir, tmp_path, *extra), match, capsys)
+def test_sizes_are_refused_before_training(fake_data_dir, tmp_path, extra, match, capsys):
+    fails(base_args(fake_data_dir, tmp_path, *extra), match, capsys)
     assert not list((tmp_path / "out").glob("*.pt"))
 
 
@@ -290,14 +294,13 @@ def test_bsds500_is_fetched_from_the_next_source_or_read_from_a_local_archive(
     data = tmp_path / "data"
     shutil.copytree(os.path.join(fake_mnist_dir, "MNIST"), data / "MNIST")
     q3.main(["--data-dir", str(data), "--out", str(tmp_path / "out"), "--download-only"])
-    assert "404" in capsys.readouterr().err and sorted(os.listdir(data)) == ["BSR", "MNIST"]
-    assert sorted(os.listdir(data / "BSR" / "BSDS500" / "data" / "images" / "test")) == [
-        "0.jpg", "1.jpg", "2.jpg"]
+    assert "404" in capsys.readouterr().err and sorted(os.listdir(data)) == ["BSDS500", "MNIST"]
+    assert sorted(os.listdir(data / "BSDS500" / "images" / "test")) == ["0.jpg", "1.jpg", "2.jpg"]
     local = tmp_path / "local"
     local.mkdir()
     bsds_archive(str(local / "BSDS500-master.zip"), photos, "BSDS500-master")
     args = q3.parse_args(["--data-dir", str(local), "--no-download"])
-    assert q3.find_bsds(args) == str(local / "BSDS500-master" / "BSDS500" / "data")
+    assert q3.find_bsds(args) == str(local / "BSDS500") and os.listdir(local) == ["BSDS500"]
     down = [http_server.url("BSR_bsds500.tgz", fail="404"), http_server.url("x.zip", fail="404")]
     monkeypatch.setattr(q3, "BSDS_SOURCES", {"BSR_bsds500.tgz": ("BSR", down[:1]),
                                              "BSDS500-master.zip": ("BSDS500-master", down[1:])})
