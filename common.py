@@ -207,22 +207,7 @@ def add_common_args(parser, out_default, seed_default=0, data_dir=True, resume=T
                         help="render <out>/report.md from <out>/metrics.json alone")
 
 MODES = ("resume", "eval_only", "report_only", "download_only")
-NOT_SETTINGS = ("resume", "eval_only", "report_only", "download_only", "out", "device",
-                "data_dir", "weights", "given", "no_download")
-
-def _given(parser, argv):
-    """The dest names of the options given on the command line (not left at their default)."""
-    saved = [(action, action.default) for action in parser._actions]
-    parser_defaults, parser._defaults = parser._defaults, {}
-    try:
-        for action, _ in saved:
-            action.default = argparse.SUPPRESS
-        given, _ = parser.parse_known_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-        parser._defaults = parser_defaults
-    return set(vars(given))
+NOT_SETTINGS = MODES + ("out", "device", "data_dir", "weights", "given", "no_download")
 
 def parse(parser, argv=None):
     """Parse once: two modes together are an argparse error; args.given holds what was typed."""
@@ -232,7 +217,9 @@ def parse(parser, argv=None):
     if len(modes) > 1:
         parser.error(" and ".join("--" + m.replace("_", "-") for m in modes)
                      + " exclude each other")
-    args.given = _given(parser, argv)
+    unset = object()  # argparse fills in a default only where the namespace has no value
+    typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = {key for key, value in vars(typed).items() if value is not unset}
     _run["started"] = time.perf_counter()
     return args
 

@@ -730,10 +730,10 @@ def plot_history(history, path, epoch_steps, args):
 REPORT = """# Question 2: Cycle-Consistent VAE on the 2D Sprites (Jha et al., ECCV 2018)
 
 Command: `{command}`  
-Machine: {machine[description]}; arithmetic: {settings[precision]} (bf16: autocast for \
-convolutions and matrix products, float32 weights, optimiser and losses; fp32: float32 throughout)
+Machine: {machine[description]}; arithmetic: {settings[precision]} (bf16: autocast of \
+convolutions and matrix products, the rest float32; fp32: float32 throughout)
 
-s = character identity (specified), z = everything else, mostly the pose (unspecified). \
+s = character identity (specified), z = the rest, mostly the pose (unspecified). \
 {data[characters][train]} characters train the model; the weights kept have the best \
 forward-cycle objective on fixed frame pairs of the {data[characters][val]} **validation \
 characters**; the test numbers and every picture come from the {data[characters][test]} **test \
@@ -744,8 +744,7 @@ characters** (Reed et al.'s split). Runs that also scored the test characters: {
 | z / s size | {settings[z_dim]} / {settings[s_dim]} | 512 / 64 and 1024 / 512 |
 | channels of the first conv (x2 per layer) | {settings[width]} | not published for Sprites |
 | batch (pairs) | {settings[batch_size]} | 64 |
-| training | {training[epochs]:g} epochs = {training[steps]} steps (epoch = \
-{training[steps_per_epoch]} steps) | 100 epochs |
+| training | {training[epochs]:g} epochs = {training[steps]} steps | 100 epochs |
 | Adam lr; epoch of its /10 drop (0 = none) | {settings[lr]:g}; {settings[lr_drop_epoch]:g} \
 | 1e-4; 80 |
 | loss weights reconstruction / reverse / KL | {settings[reconstruction_coef]:g} / 10 / \
@@ -755,19 +754,18 @@ characters** (Reed et al.'s split). Runs that also scored the test characters: {
 
 ![training curves](training_curves.png)
 
-Best validation objective at step {training[best_val_step]} of {training[steps]}; \
-{training[steps_per_s]:.2f} steps/s over the {training[steps_timed]} steps this command ran.
+Best validation objective at step {training[best_val_step]}; {training[steps_per_s]:.2f} \
+steps/s over the {training[steps_timed]} steps this command ran.
 
 ## Decoded images, recognised
 
 ![reconstructions](reconstructions.png)
 
-Decoded images, saved as uint8 and re-encoded, are judged by the classifiers of the partition \
-table (trained on real frames): identity from s, pose from z. A swap, Dec(z of a frame, s of \
-another character's frame), should show the second character in the first frame's pose; \
-interpolation end points are the far ends of the rows from a to b. On real held-out test \
-frames the classifiers read the identity from s at \
-{results[test][classifiers][identity_from_s][test_accuracy]:.1%} and the pose from z at \
+Decoded images, saved as uint8 and re-encoded, judged by the partition classifiers (trained on \
+real frames): identity from s, pose from z. Swap: Dec(z of a frame, s of another character's \
+frame); interpolation end points: the far ends of the rows from a to b. Real held-out test \
+frames, for comparison: identity from s \
+{results[test][classifiers][identity_from_s][test_accuracy]:.1%}, pose from z \
 {results[test][classifiers][pose_from_z][test_accuracy]:.1%}.
 
 | characters | reconstruction MSE | reconstructions: identity / pose recognised | swaps | \
@@ -777,9 +775,8 @@ interpolation end points |
 
 ## Swap grids and interpolation
 
-Cell (i, j) = Dec(z of row i's image, s of column j's image); the top row gives s (identity), \
-the first column z (labelled with its animation). Interpolation: odd rows vary s from image a \
-to image b with z of a, even rows z with s of a.
+Cell (i, j) = Dec(z of row i, s of column j): the top row gives s, the first column z (with its \
+animation). Interpolation: odd rows vary s from a to b (z of a), even rows z (s of a).
 
 {swap_grid_images}
 ![interpolation](interpolation.png)
@@ -793,29 +790,28 @@ to image b with z of a, even rows z with s of a.
 | Jha et al. 2018, Table 1: Mathieu et al. 512/64 | 12.05 % | 11.98 % | 99.18 % | 96.75 % |
 {partition_rows}
 
-An MLP 256-256 (ReLU, Adam 1e-3, 30 epochs) on standardized z means or s; per test character \
-a fixed random 0.8 of its frames train it, the other {results[test][held_out_frames]} frames \
-test it (the paper publishes no protocol: its rows are quoted, not matched). Identity: which of \
-{results[test][characters]} characters (chance {results[test][classifiers][identity_chance]:.1%}; \
-pixel-identical frames of weapon twins, \
-{results[test][classifiers][identity_pairs_sharing_a_frame]} pairs, cap it at \
-{results[test][classifiers][identity_twin_ceiling]:.1%}); pose: the 21 animations (chance \
-{results[test][classifiers][pose_chance]:.1%}).
+An MLP 256-256 (ReLU, Adam 1e-3, 30 epochs) on standardized z means or s, trained on a fixed \
+random 0.8 of each test character's frames, tested on the other \
+{results[test][held_out_frames]} (the paper publishes no protocol: its rows are quoted, not \
+matched). Identity: {results[test][characters]} characters, chance \
+{results[test][classifiers][identity_chance]:.1%}, capped at \
+{results[test][classifiers][identity_twin_ceiling]:.1%} by pixel-identical frames of weapon twins \
+({results[test][classifiers][identity_pairs_sharing_a_frame]} pairs); pose: 21 animations, \
+chance {results[test][classifiers][pose_chance]:.1%}.
 
 ## Prediction networks z -> s and s -> z
 
 ![prediction networks](prediction_networks.png)
 
-MLPs 256-256 (MSE, 5 epochs) on the encodings of \
+MLPs 256-256 (MSE, 5 epochs) trained on the encodings of \
 {results[test][prediction_networks][trained_on_frames]} frames of training characters, applied \
 to the {results[test][prediction_networks][evaluated_on_frames]} held-out test frames, decoded \
-and classified as above (red: wrong). The right character in Dec(z, s predicted from z): \
-{results[test][prediction_networks][identity_recognised_decode_z_predicted_s]:.1%}; the right \
-pose in Dec(z predicted from s, s): \
-{results[test][prediction_networks][pose_recognised_decode_predicted_z_s]:.1%} (chance \
-{results[test][classifiers][identity_chance]:.1%} / \
-{results[test][classifiers][pose_chance]:.1%}). Relative MSE of the predictions (1 = no better \
-than the mean): z -> s {results[test][prediction_networks][z_to_s_relative_mse]:.3f}, s -> z \
+and classified as above (red: wrong). Right character in Dec(z, s predicted from z): \
+{results[test][prediction_networks][identity_recognised_decode_z_predicted_s]:.1%}; right pose \
+in Dec(z predicted from s, s): \
+{results[test][prediction_networks][pose_recognised_decode_predicted_z_s]:.1%}. Relative MSE \
+(1 = no better than the mean): z -> s \
+{results[test][prediction_networks][z_to_s_relative_mse]:.3f}, s -> z \
 {results[test][prediction_networks][s_to_z_relative_mse]:.3f}.
 
 ## Checks (the targets of the default run)
@@ -824,22 +820,22 @@ than the mean): z -> s {results[test][prediction_networks][z_to_s_relative_mse]:
 
 ## Runs with other settings
 
-Commands as the runs' settings imply; numbers on the validation characters; "test scored": the \
-test characters a run also evaluated. The runs differ in machine and arithmetic as well.
+Commands as the runs' settings imply; numbers on the validation characters; "test scored": \
+the test characters a run also evaluated.
 
 {runs}
 
 ## Choices where the paper is silent
 
-- Architecture (no Sprites code was published): 4 strided convs ({settings[width]} channels, \
-doubling; kernels 4/4/3/4; batch norm; LeakyReLU 0.2) to 4x4, linear heads for the z mean, the \
-z log-variance (bias -5) and s; the decoder mirrors it (transposed convs, ReLU, sigmoid).
+- Architecture: 4 strided convs ({settings[width]} channels, doubling; kernels 4/4/3/4; batch \
+norm; LeakyReLU 0.2) to 4x4, linear heads for the z mean, z log-variance (bias -5) and s; the \
+decoder mirrors it (transposed convs, ReLU, sigmoid).
 - Losses as in the authors' MNIST code: MSE of both swapped reconstructions, KL summed / \
 B*C*H*W, L1 of the re-encoded z means; the reverse cycle takes s without gradient and has its \
 own Adam over the encoder, so its weight only turns it on.
-- Warm-up: the KL weight and the reverse cycle's step are 0 for the first half of \
-{settings[warmup_epochs]:g} epochs, then rise linearly to full.
-- Pairs: two random frames of a random training character; the reverse cycle takes two more \
+- Warm-up: KL weight and reverse-cycle step 0 for the first half of \
+{settings[warmup_epochs]:g} epochs, then rising linearly to full.
+- Pairs: two random frames of a random training character; the reverse cycle takes two \
 batches of arbitrary training frames.
 - Model selection: the forward-cycle objective (z = mean) on 1024 fixed validation pairs every \
 0.5 epochs; the best weights are kept, their batch-norm statistics recomputed over 50 batches \
@@ -883,18 +879,12 @@ def render_report(metrics, out):
 
 # --- Main
 # --eval-only: what refits an MLP on the latents follows the CPU's arithmetic; the rest is exact
-REFIT = ("{} refit on the latents; on another CPU (AMD EPYC; the committed run: Intel Xeon) it "
-         "differed by up to 0.006")
-TOLERANCES = {f"{prefix}{split}{key}": (0.01, REFIT.format(what))
-              for split in ("validation", "test") for prefix, what, keys in (
-    ("results.", "probe classifier", [".classifiers.identity_from_", ".classifiers.pose_from_"]),
-    ("results.", "judged by the probe classifiers", [f".recognised.{k}.{task}" for k in (
-        "reconstructions", "swaps", "interpolation_ends") for task in ("identity", "pose")]),
-    ("results.", "prediction network", [f".prediction_networks.{k}" for k in (
-        "identity_recognised", "pose_recognised", "z_to_s", "s_to_z")]),
-    ("checks.", "from the probe classifiers or prediction networks", [
-        f": {name}" for name, key, _, _ in CHECKS if "reconstruction_mse" not in key]))
-              for key in keys}
+REFIT = ("an MLP (probe classifier or prediction network) refit on the latents; on another CPU "
+         "(AMD EPYC; the committed run: Intel Xeon) it differed by up to 0.006")
+TOLERANCES = {prefix: (0.01, REFIT) for split in ("validation", "test") for prefix in [
+    f"results.{split}.{key}" for key in ("classifiers.identity_from_", "classifiers.pose_from_",
+                                         "recognised.", "prediction_networks.")] + [
+    f"checks.{split}: {name}" for name, key, _, _ in CHECKS if key != "reconstruction_mse"]}
 
 def load_data(args, timings):
     with stage(timings, "data"):
@@ -969,22 +959,14 @@ def main(argv=None):
     print(f"wrote {args.out}/metrics.json" + ("" if args.validation_only else " and report.md"))
 
 # Data: Reed et al.'s 2D Sprites as their archive unpacks (data/sprites/*.mat, converted once
-# into a uint8 cache), or that cache with original/sprites_splits.mat; in DATA_DIR or
-# DATA_DIR/sprites_reed2015.
+# into a uint8 cache), or that cache with original/sprites_splits.mat, in DATA_DIR.
 ARCHIVE = "nips2015-analogy-data.tar.gz"
 SPRITES_SOURCES = (f"http://www-personal.umich.edu/~reedscot/files/{ARCHIVE}",
                    f"http://www.scottreed.info/files/{ARCHIVE}")  # tried in this order
 ARCHIVE_MD5 = "4e866a7919c1beedf53964e6f7a23686"  # as recorded by nmichlo/disent
-KNOWN_MD5 = {"sprites_splits.mat": "5e0a46fba80e68846ed63d3b1e1b05d8",  # checked after unpacking
-             "sprites_0.mat": "82b83d27b1935222f3c5441c846cfa49",
-             "sprites_1.mat": "cbb7acd1cbebcec1086c6c2b5c18ecd3"}
-CACHE_NAME = "sprites_reed2015_uint8.npz"
+CACHE_NAME, SPLIT_NAME = "sprites_reed2015_uint8.npz", "sprites_splits.mat"
 CACHE_KEYS = ("sprites", "anim_lengths", "anim_offsets")
-SPLIT_NAME = "sprites_splits.mat"
 FOLDERS = (os.path.join("data", "sprites"), "original")  # where the .mat files may be
-
-class CacheError(UserError):  # a bad cache, rebuilt from the .mat files where they are
-    pass
 
 def to_images(frames):
     return frames.float().div_(255)
@@ -1051,18 +1033,16 @@ def convert_originals(folder, n_characters):
 def load_cache(path, split_path, n_characters):
     try:
         with np.load(path) as npz:
-            missing = [k for k in CACHE_KEYS if k not in npz.files]
-            data = {k: npz[k] for k in CACHE_KEYS if not missing}
+            data = {k: npz[k] for k in CACHE_KEYS}
+        sprites, lengths = data["sprites"], data["anim_lengths"]
+        sound = (sprites.dtype == np.uint8 and sprites.shape[2:] == (60, 60, 3)
+                 and int(np.sum(lengths)) == sprites.shape[1]
+                 and data["anim_offsets"].tolist() == [0] + np.cumsum(lengths).tolist())
     except Exception:
-        raise CacheError(f"cache {path} is truncated or corrupt") from None
-    if missing:
-        raise CacheError(f"cache {path} lacks the arrays {', '.join(missing)}")
-    sprites, lengths = data["sprites"], data["anim_lengths"]
-    if (sprites.dtype != np.uint8 or sprites.shape[2:] != (60, 60, 3) or lengths.ndim != 1
-            or int(np.sum(lengths)) != sprites.shape[1]
-            or data["anim_offsets"].tolist() != [0] + np.cumsum(lengths).tolist()):
-        raise CacheError(f"cache {path} does not hold uint8 sprites (characters, frames, 60, 60, "
-                         f"3) with matching animation lengths")
+        sound = False
+    if not sound:
+        raise UserError(f"cache {path} is truncated or not uint8 sprites (characters, frames, "
+                        f"60, 60, 3) with their animation lengths; delete it to rebuild it")
     if len(sprites) < n_characters:
         raise UserError(f"split file {split_path} names character {n_characters} (1-based), "
                         f"but {path} has {len(sprites)}: the split file does not belong to "
@@ -1070,61 +1050,44 @@ def load_cache(path, split_path, n_characters):
     return data
 
 def download_sprites(root):
-    from torchvision.datasets.utils import check_integrity
-
     archive = common.download_first(SPRITES_SOURCES, root, ARCHIVE, md5=ARCHIVE_MD5,
                                     offline_hint=offline_hint(root))
-    staging = os.path.join(root, ".nips2015-extract.tmp")
+    staging = os.path.join(root, ".nips2015-extract.tmp")  # the folder appears whole or not
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        common.extract(archive, staging)
-        folder = os.path.join(staging, "data", "sprites")
-        bad = [k for k, md5 in KNOWN_MD5.items() if not check_integrity(f"{folder}/{k}", md5)]
-        if bad:
-            os.remove(archive)
-            raise UserError(f"{archive} failed its checksum ({bad[0]}); it was deleted, run "
-                            f"again to download it anew or {offline_hint(root)}")
-        os.makedirs(os.path.join(root, "data"), exist_ok=True)
-        os.replace(folder, os.path.join(root, "data", "sprites"))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    common.extract(archive, staging)
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    os.replace(os.path.join(staging, "data", "sprites"), os.path.join(root, "data", "sprites"))
+    shutil.rmtree(staging, ignore_errors=True)
 
 def offline_hint(root):
     return (f"put Reed et al.'s data/sprites/ folder (from {ARCHIVE}: sprites_0.mat ... "
             f"sprites_671.mat and {SPLIT_NAME}) into {root}/, or the archive itself")
 
 def load_sprites(data_dir, download=True):
-    """uint8 arrays plus Reed's split (0-based ids): the cache if it is sound, else the .mat
+    """uint8 arrays plus Reed's split (0-based ids): the cache if there is one, else the .mat
     files (converted once into the cache), else the downloaded archive."""
-    nested = os.path.join(data_dir, "sprites_reed2015")  # a data folder shared by all scripts
-    root = os.path.abspath(nested if os.path.isdir(nested) else data_dir)
+    root = os.path.abspath(data_dir)
     locate = lambda name: next((os.path.join(root, d) for d in FOLDERS  # noqa: E731
                                 if os.path.isfile(os.path.join(root, d, name))), None)
     if not (locate(SPLIT_NAME) or locate("sprites_0.mat")) and download:
         download_sprites(root)
-    split_dir, mat_dir = locate(SPLIT_NAME), locate("sprites_0.mat")
-    if split_dir is None:
+    if locate(SPLIT_NAME) is None:
         raise UserError(f"{SPLIT_NAME} is missing: {offline_hint(root)} (a {CACHE_NAME} cache "
                         f"may replace the .mat files, not the split file)")
-    split_path = os.path.join(split_dir, SPLIT_NAME)
+    split_path = os.path.join(locate(SPLIT_NAME), SPLIT_NAME)
     splits = read_splits(split_path)
     n_characters = int(max(ids.max() for ids in splits.values())) + 1
-    cache, data = os.path.join(root, CACHE_NAME), None
-    try:
-        data = load_cache(cache, split_path, n_characters) if os.path.isfile(cache) else None
-    except CacheError as error:
-        if mat_dir is None:
-            raise UserError(f"{error}; delete it to rebuild it from the .mat files, or copy "
-                            f"it again") from None
-        print(f"{error}: rebuilding it", flush=True)
-    if data is None:
-        data = convert_originals(mat_dir, n_characters)
+    cache = os.path.join(root, CACHE_NAME)
+    if os.path.isfile(cache):
+        data = load_cache(cache, split_path, n_characters)
+    else:
+        data = convert_originals(locate("sprites_0.mat"), n_characters)
         try:
             common.atomic_write(cache, lambda tmp: np.savez_compressed(open(tmp, "wb"), **data))
-            print(f"cache written to {cache}", flush=True)
-        except OSError:
-            print(f"{root} is read-only: the .mat files are converted again next time")
-            cache = None
+        except PermissionError:
+            raise UserError(f"the cache {cache} cannot be written; make {root} writable, or "
+                            f"convert the data once where it is") from None
+        print(f"cache written to {cache}", flush=True)
     data.update(splits=splits, cache=cache, split_file=split_path)
     return data
 
