@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import UserError, check, check_finite, note_saved, positive_int, stage, subsample
+from common import (UserError, check, check_finite, note_saved, plt, positive_int, stage,
+                    subsample)
 
 SCRIPT, OUT_DEFAULT, STATE = "q3_mnistm_dann.py", "outputs/q3_mnistm", "training_state.pt"
 MODELS = ["source_only", "dann", "target_only"]
@@ -286,7 +287,6 @@ def checks_of(results, training, data):
 
 # --- Figures
 def plot_mnistm_samples(data, path, n=12):
-    import matplotlib.pyplot as plt
     rows = [as_input(data[f"{d}_{s}"][:n]) for s in ("train", "test") for d in ("source", "target")]
     fig, ax = plt.subplots(figsize=(n * 0.6, 2.8))
     ax.imshow(common.image_grid(torch.cat(rows).cpu(), nrow=n))
@@ -301,7 +301,6 @@ CURVES = [("label_loss", "label loss (training batches)"),
 COLOURS = {"source_only": "tab:blue", "dann": "tab:red", "target_only": "tab:green"}
 
 def plot_curves(records, path):
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for ax, (key, title) in zip(axes, CURVES):
         for name in [n for n in MODELS if n in records]:  # the legend's order
@@ -320,7 +319,6 @@ def plot_curves(records, path):
     common.save_figure(fig, path)
 
 def draw_figures(trained, data, args, folder):
-    import matplotlib.pyplot as plt
     plot_mnistm_samples(data, os.path.join(folder, "mnistm_samples.png"))
     picks = {d: subsample(len(data[f"{d}_test"]), args.tsne_points, seed)
              for seed, d in enumerate(("source", "target"))}
